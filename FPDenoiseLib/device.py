@@ -1,0 +1,42 @@
+"""Compute-device selection: CUDA, then Apple MPS, then CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import FPDenoiseError
+
+
+def pick_device(name: str | torch.device | None = "auto") -> torch.device:
+    """Return the torch device for ``name`` ("auto", "cpu", "cuda", "cuda:1", "mps").
+
+    "auto" picks CUDA when usable, then MPS, then CPU. Asking for a device that is not usable
+    raises :class:`FPDenoiseError` with the reason (e.g. a CPU-only torch build).
+
+    >>> pick_device("cpu")
+    device(type='cpu')
+    """
+    if isinstance(name, torch.device):
+        return name
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            raise FPDenoiseError(
+                f"CUDA was requested but is not available (installed torch {torch.__version__} is {build}"
+                " or no NVIDIA driver/GPU was found); use --device cpu or install a CUDA build of torch"
+            )
+        return torch.device(name)
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise FPDenoiseError("MPS was requested but is not available on this machine; use --device cpu")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise FPDenoiseError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
