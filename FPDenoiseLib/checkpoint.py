@@ -1,0 +1,173 @@
+"""Checkpoints: safe to load, self-describing, verified, written atomically.
+
+A checkpoint is a plain dict of tensors and JSON-like values (loadable with
+``torch.load(..., weights_only=True)``, so it can never execute code)::
+
+    {"format": "fpdenoise-checkpoint/1", "version": "0.1.0",
+     "models": {"denoiser": {"config": {...}, "state_dict": {...}},
+                "restoration": {"config": {...}, "state_dict": {...}}},
+     "normalization": {"ct_window": [-1024, 3071], "percentiles": [0.5, 99.5]},
+     "training": {...},            # how it was made (stage, loss, lambda, steps, noise, data)
+     "resume": {...},              # optional: optimiser/scheduler/RNG/data position
+     "sha256": "..."}              # hash of models + normalization + training
+
+Shipping both networks in one file matters: saliency maps are GB of *this* restoration net.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import CheckpointError, OutputError
+from .models import build_model
+
+FORMAT = "fpdenoise-checkpoint/1"
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def content_hash(ckpt: dict) -> str:
+    """SHA-256 over model configs, tensor names/dtypes/shapes/bytes, normalisation and training info."""
+    h = hashlib.sha256()
+    for name in sorted(ckpt.get("models", {})):
+        entry = ckpt["models"][name]
+        h.update(name.encode())
+        h.update(json.dumps(entry["config"], sort_keys=True).encode())
+        for key in sorted(entry["state_dict"]):
+            t = entry["state_dict"][key]
+            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(json.dumps(ckpt.get("normalization", {}), sort_keys=True, default=str).encode())
+    h.update(json.dumps(ckpt.get("training", {}), sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def make_checkpoint(
+    models: dict[str, nn.Module],
+    *,
+    normalization: dict,
+    training: dict | None = None,
+    resume: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict:
+    """Build the checkpoint dict. ``dtype=torch.float16`` halves the file (for shipping)."""
+    entries = {}
+    for name, model in models.items():
+        sd = {}
+        for k, v in model.state_dict().items():
+            v = v.detach().cpu().clone()
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+            sd[k] = v
+        entries[name] = {"config": _jsonable(model.config), "state_dict": sd}
+    ckpt: dict[str, Any] = {
+        "format": FORMAT,
+        "version": __version__,
+        "models": entries,
+        "normalization": _jsonable(normalization),
+        "training": _jsonable(training or {}),
+    }
+    if resume is not None:
+        ckpt["resume"] = resume
+    ckpt["sha256"] = content_hash(ckpt)
+    return ckpt
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temp file in the destination folder, fsync, then rename into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            fh.write(buf.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write checkpoint ({err.strerror or err})") from err
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | Path, models: dict[str, nn.Module], **kwargs: Any) -> Path:
+    """Write a checkpoint atomically (see :func:`make_checkpoint` for kwargs)."""
+    return atomic_torch_save(make_checkpoint(models, **kwargs), path)
+
+
+def load_checkpoint(path: str | Path, *, verify: bool = True) -> dict:
+    """Load with ``weights_only=True``; refuse pickled code, foreign formats and altered content."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused: the file holds executable pickle content, not a weights-only "
+            f"FPDenoise checkpoint ({str(err).splitlines()[0][:160]})"
+        ) from err
+    except Exception as err:  # zip/EOF/torch errors: corrupt or not a torch file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})"[:300]) from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an FPDenoise checkpoint (expected format {FORMAT!r})")
+    if verify:
+        stored = ckpt.get("sha256")
+        if stored != content_hash(ckpt):
+            raise CheckpointError(f"{path}: content hash mismatch: the checkpoint was altered or is corrupt")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, name: str = "denoiser") -> nn.Module:
+    """Instantiate network ``name`` ("denoiser" or "restoration") in float32, eval mode."""
+    if name not in ckpt.get("models", {}):
+        have = ", ".join(sorted(ckpt.get("models", {}))) or "none"
+        raise CheckpointError(f"checkpoint has no {name!r} network (it has: {have})")
+    entry = ckpt["models"][name]
+    model = build_model(entry["config"])
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in entry["state_dict"].items()}
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as err:
+        raise CheckpointError(f"{name} weights do not match its architecture: {str(err)[:300]}") from err
+    return model.eval()
+
+
+def check_compatible(ckpt: dict, *, configs: dict[str, dict] | None = None, normalization: dict | None = None) -> None:
+    """Raise :class:`CheckpointError` naming every difference in architecture / normalisation."""
+    diffs = []
+    for name, cfg in (configs or {}).items():
+        have = ckpt.get("models", {}).get(name, {}).get("config")
+        if have is None:
+            diffs.append(f"{name}: missing")
+            continue
+        for key in sorted(set(cfg) | set(have)):
+            if _jsonable(cfg.get(key)) != have.get(key):
+                diffs.append(f"{name}.{key}: checkpoint {have.get(key)!r} vs requested {cfg.get(key)!r}")
+    if normalization is not None:
+        want = _jsonable(normalization)
+        for key in sorted(set(want) | set(ckpt.get("normalization", {}))):
+            if want.get(key) != ckpt.get("normalization", {}).get(key):
+                diffs.append(
+                    f"normalization.{key}: checkpoint {ckpt.get('normalization', {}).get(key)!r} vs requested {want.get(key)!r}"
+                )
+    if diffs:
+        raise CheckpointError("checkpoint does not match: " + "; ".join(diffs))

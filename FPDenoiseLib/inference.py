@@ -1,0 +1,215 @@
+"""Inference: denoise 2D images and 3D volumes slice by slice, plus Guided-Backprop saliency.
+
+Volumes are processed in batches of axial slices, so peak memory is one batch of float32
+slices plus the output array (stored in the input's dtype), whatever the number of slices.
+Values come back in the input's units and dtype (CT stays in HU, integer types are rounded and
+clipped to their range), and ``run`` keeps the geometry of an :class:`~FPDenoiseLib.io.Image`.
+
+Example:
+    >>> den = Denoiser()                                   # shipped default model, auto device
+    >>> out = den.denoise_array(ct_hu_volume, modality="CT")  # same shape/dtype, HU
+    >>> res = den.run(read_image("chest.nrrd"))            # DenoiseResult with saliency maps
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .device import pick_device
+from .errors import InputError
+from .intensity import DEFAULT_POLICY, Normalizer
+from .xai import guided_backprop, saliency_for_display
+
+Progress = Callable[[int, int], None]
+DEFAULT_MODEL_NAME = "fpdenoise_default.pt"
+# Pixel budget per batch: bounds activation memory independent of slice size (~1.5 GB on CPU
+# for the default U-Net at 2M pixels).
+MAX_BATCH_PIXELS = 2_000_000
+
+
+def resources_dir() -> Path:
+    """The extension's ``Resources/`` folder (``FPDENOISE_RESOURCES`` overrides)."""
+    env = os.environ.get("FPDENOISE_RESOURCES")
+    candidates = [Path(env)] if env else []
+    here = Path(__file__).resolve().parent
+    candidates += [here.parent / "Resources", here / "Resources", here.parent.parent / "Resources"]
+    for c in candidates:
+        if (c / "Models").is_dir() or (c / "SampleData").is_dir():
+            return c
+    return candidates[0]
+
+
+def default_model_path() -> Path:
+    """Path of the shipped default checkpoint (``Resources/Models/fpdenoise_default.pt``)."""
+    return resources_dir() / "Models" / DEFAULT_MODEL_NAME
+
+
+def sample_data_path() -> Path:
+    """Path of the bundled sample CT volume used by the demo and the Slicer self-test."""
+    return resources_dir() / "SampleData" / "sample_ct.nrrd"
+
+
+@dataclass
+class DenoiseResult:
+    """Output of :meth:`Denoiser.run`. Saliency maps are float32 |GB| in the same geometry."""
+
+    denoised: object  # io.Image
+    saliency_input: object | None
+    saliency_output: object | None
+    fp_score: float | None  # Pearson correlation of GB(denoised) with GB(input)
+
+
+def _check_array(array: np.ndarray) -> np.ndarray:
+    a = np.asarray(array)
+    if a.ndim not in (2, 3):
+        raise InputError(f"expected a 2D image or 3D volume, got an array of shape {a.shape}")
+    if a.shape[-1] < 2 or a.shape[-2] < 2 or a.size == 0:
+        raise InputError(f"image too small to denoise: shape {a.shape}")
+    if not (np.issubdtype(a.dtype, np.number) and not np.issubdtype(a.dtype, np.complexfloating)):
+        raise InputError(f"unsupported pixel type {a.dtype}")
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        raise InputError("image contains NaN or infinite values")
+    return a
+
+
+def _to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(dtype, copy=False)
+
+
+class Denoiser:
+    """A loaded FPDenoise checkpoint: denoiser ``D`` + restoration net ``f`` (for saliency).
+
+    Args:
+        checkpoint: path of a checkpoint; None = the shipped default model.
+        device: "auto" (CUDA > MPS > CPU), "cpu", "cuda", "mps".
+        batch_size: slices per forward pass (also capped by :data:`MAX_BATCH_PIXELS`).
+    """
+
+    def __init__(self, checkpoint: str | Path | None = None, *, device: str = "auto", batch_size: int = 8) -> None:
+        self.checkpoint_path = Path(checkpoint) if checkpoint else default_model_path()
+        self.ckpt = load_checkpoint(self.checkpoint_path)
+        self.device = pick_device(device)
+        self.batch_size = max(1, int(batch_size))
+        self.model = model_from_checkpoint(self.ckpt, "denoiser").to(self.device)
+        self.restoration = (
+            model_from_checkpoint(self.ckpt, "restoration").to(self.device)
+            if "restoration" in self.ckpt["models"]
+            else None
+        )
+        for m in (self.model, self.restoration):
+            if m is not None:
+                for p in m.parameters():
+                    p.requires_grad_(False)
+        self.policy = {**DEFAULT_POLICY, **self.ckpt.get("normalization", {})}
+        self.name = self.ckpt.get("training", {}).get("name") or self.checkpoint_path.stem
+
+    # ---- normalised-range API (benchmark, training validation) ----
+    def _batches(self, n: int, h: int, w: int) -> list[slice]:
+        per = max(1, min(self.batch_size, MAX_BATCH_PIXELS // max(1, h * w)))
+        return [slice(i, min(n, i + per)) for i in range(0, n, per)]
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None].to(self.device)
+            return self.model(t)[:, 0].float().cpu().numpy()
+
+    def _gb(self, x: np.ndarray) -> np.ndarray:
+        if self.restoration is None:
+            raise InputError(f"{self.checkpoint_path}: checkpoint has no restoration network; saliency unavailable")
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None].to(self.device)
+        return saliency_for_display(guided_backprop(self.restoration, t))[:, 0].float().cpu().numpy()
+
+    def denoise_normalized(self, x: np.ndarray) -> np.ndarray:
+        """Denoise an image already in the normalised range (2D or a stack of slices), float32."""
+        a = _check_array(x).astype(np.float32, copy=False)
+        stack = a[None] if a.ndim == 2 else a
+        out = np.empty_like(stack, dtype=np.float32)
+        for sl in self._batches(*stack.shape):
+            out[sl] = self._forward(stack[sl])
+        return out[0] if a.ndim == 2 else out
+
+    def saliency_normalized(self, x: np.ndarray) -> np.ndarray:
+        """|GB| of the restoration net for an image in the normalised range, float32."""
+        a = _check_array(x).astype(np.float32, copy=False)
+        stack = a[None] if a.ndim == 2 else a
+        out = np.empty_like(stack, dtype=np.float32)
+        for sl in self._batches(*stack.shape):
+            out[sl] = self._gb(stack[sl])
+        return out[0] if a.ndim == 2 else out
+
+    # ---- original-units API ----
+    def normalizer(self, array: np.ndarray, modality: str | None) -> Normalizer:
+        return Normalizer.for_array(array, modality=modality, policy=self.policy)
+
+    def process(
+        self,
+        array: np.ndarray,
+        *,
+        modality: str | None = None,
+        saliency: bool = True,
+        denoise: bool = True,
+        progress: Progress | None = None,
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """One streaming pass: ``(denoised, |GB(input)|, |GB(denoised)|)`` (None where not asked).
+
+        The denoised array has the input's shape, dtype and units; saliency maps are float32.
+        """
+        a = _check_array(array)
+        norm = self.normalizer(a, modality)
+        stack = a[None] if a.ndim == 2 else a
+        n, h, w = stack.shape
+        den = np.empty(stack.shape, dtype=a.dtype) if denoise else None
+        sal_in = np.empty(stack.shape, dtype=np.float32) if saliency else None
+        sal_out = np.empty(stack.shape, dtype=np.float32) if (saliency and denoise) else None
+        done = 0
+        for sl in self._batches(n, h, w):
+            x = norm.forward(stack[sl])
+            if denoise:
+                y = self._forward(x)
+                den[sl] = _to_dtype(norm.inverse(y), a.dtype)
+            if saliency:
+                sal_in[sl] = self._gb(x)
+                if denoise:
+                    sal_out[sl] = self._gb(y)
+            done = sl.stop
+            if progress is not None:
+                progress(done, n)
+
+        def unstack(v: np.ndarray | None) -> np.ndarray | None:
+            return None if v is None else (v[0] if a.ndim == 2 else v)
+
+        return unstack(den), unstack(sal_in), unstack(sal_out)
+
+    def denoise_array(self, array: np.ndarray, *, modality: str | None = None, progress: Progress | None = None) -> np.ndarray:
+        """Denoise ``array`` (2D or ``(z, y, x)``) in its own units; returns a new array, same dtype."""
+        return self.process(array, modality=modality, saliency=False, progress=progress)[0]
+
+    def saliency_array(self, array: np.ndarray, *, modality: str | None = None, progress: Progress | None = None) -> np.ndarray:
+        """|Guided Backprop| of the restoration net for ``array`` (float32, same shape)."""
+        return self.process(array, modality=modality, saliency=True, denoise=False, progress=progress)[1]
+
+    def run(self, image, *, saliency: bool = True, progress: Progress | None = None) -> DenoiseResult:
+        """Denoise an :class:`~FPDenoiseLib.io.Image`; outputs keep its geometry and units."""
+        from .metrics import feature_preservation
+
+        den, s_in, s_out = self.process(image.array, modality=image.modality, saliency=saliency, progress=progress)
+        out = replace(image, array=den, dicom_headers=image.dicom_headers)
+        if not saliency:
+            return DenoiseResult(out, None, None, None)
+        sal_kw = {"modality": "OT"}
+        return DenoiseResult(
+            denoised=out,
+            saliency_input=replace(image, array=s_in, **sal_kw),
+            saliency_output=replace(image, array=s_out, **sal_kw),
+            fp_score=float(feature_preservation(s_in, s_out)),
+        )

@@ -1,0 +1,78 @@
+"""Training losses: residual loss + lambda * feature-preserving (FP) loss.
+
+``L = mean((D(x~) - x~ + n)^2) + lambda * mean((GB_f(D(x~)) - GB_f(x))^2)`` with ``n = x~ - x``.
+The residual term equals ``mean((D(x~) - x)^2)``; it is written in the paper's residual form.
+``mode="mse"`` drops the FP term and keeps everything else identical (the ablation twin).
+
+Means (not sums) keep ``lambda`` independent of patch and batch size.
+
+Example:
+    >>> from FPDenoiseLib.models import UNet
+    >>> f = UNet(base_channels=4, residual=False).eval()
+    >>> loss = FPLoss(f, lam=1.0)
+    >>> clean = torch.rand(2, 1, 16, 16); noisy = clean + 0.1 * torch.randn_like(clean)
+    >>> total, parts = loss(noisy.clone(), noisy, clean)
+    >>> sorted(parts)
+    ['fp', 'residual', 'total']
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .xai import guided_backprop
+
+
+class FPLoss(nn.Module):
+    """Residual + lambda * FP loss with a frozen restoration net.
+
+    Args:
+        restoration: the frozen restoration net ``f`` (its parameters are set to
+            ``requires_grad=False`` here; gradients flow through it to the denoiser output only).
+        lam: weight of the FP term.
+        mode: "fp" (paper) or "mse" (ablation: residual loss only).
+    """
+
+    def __init__(self, restoration: nn.Module | None, *, lam: float = 1.0, mode: str = "fp") -> None:
+        super().__init__()
+        if mode not in ("fp", "mse"):
+            raise ValueError(f"loss mode must be 'fp' or 'mse', got {mode!r}")
+        if mode == "fp" and restoration is None:
+            raise ValueError("the FP loss needs a restoration network")
+        self.mode = mode
+        self.lam = float(lam)
+        self.restoration = restoration
+        if restoration is not None:
+            restoration.eval()
+            for p in restoration.parameters():
+                p.requires_grad_(False)
+
+    def gb_clean(self, clean: torch.Tensor) -> torch.Tensor:
+        """GB of clean images (no graph): compute once per sample and pass it to ``forward``."""
+        assert self.restoration is not None
+        return guided_backprop(self.restoration, clean, create_graph=False)
+
+    def forward(
+        self,
+        denoised: torch.Tensor,
+        noisy: torch.Tensor,
+        clean: torch.Tensor,
+        gb_clean: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return ``(total_loss, {"residual", "fp", "total"})``; ``gb_clean`` is the cached GB(x)."""
+        noise = noisy - clean
+        residual = ((denoised - noisy) + noise).pow(2).mean()
+        if self.mode == "mse":
+            r = float(residual.detach())
+            return residual, {"residual": r, "fp": 0.0, "total": r}
+        if gb_clean is None:
+            gb_clean = self.gb_clean(clean)
+        gb_den = guided_backprop(self.restoration, denoised, create_graph=True)
+        fp = (gb_den - gb_clean).pow(2).mean()
+        total = residual + self.lam * fp
+        return total, {
+            "residual": float(residual.detach()),
+            "fp": float(fp.detach()),
+            "total": float(total.detach()),
+        }
