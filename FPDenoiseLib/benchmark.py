@@ -1,0 +1,811 @@
+"""The paper-comparison benchmark: 13 noise types x learned models x classical baselines.
+
+For every clean 2D slice, every noise type and level, ONE noisy input is drawn (seeded from the
+run seed, the slice and the noise, so a resumed run redraws exactly the same input) and every
+method denoises that same input. Per row of ``results.csv`` (image x noise x level x method):
+
+- **PSNR / SSIM on the original intensity scale** (HU for CT, the file's units otherwise): the
+  normalised clean and denoised slices are mapped back with the slice's
+  :class:`~FPDenoiseLib.intensity.Normalizer` (CT: the checkpoint policy's HU window; others: the
+  image's percentiles) and scored with ``data_range = max(clean) - min(clean)`` of *that* clean
+  slice in original units. (The map is linear, so this equals scoring in the normalised range with
+  the clean slice's normalised range; a fixed CT window of 4095 HU would add a constant to every
+  PSNR instead.)
+- **Feature-preservation score** = :func:`~FPDenoiseLib.metrics.feature_preservation` (Pearson
+  correlation) of ``GB_f(clean)`` and ``GB_f(denoised)``, signed GB maps, where ``f`` is the
+  restoration net of the ``--model`` checkpoint ("ours") for EVERY method: one common feature
+  extractor, so the score compares methods, not extractors.
+- **Wall time** of the method on that slice (batch of one; networks after a warm-up call),
+  scaled linearly in pixel count to a 512 x 512 slice (``seconds_per_512``).
+
+Methods: ``ours`` (``--model``, default the shipped model), ``mse_only`` and ``drunet``
+(``--baseline-model [NAME=]CKPT``), every classical baseline of
+:data:`FPDenoiseLib.baselines.BASELINES`, and ``noisy`` (the input itself, a reference column that
+is never bolded). The ``drunet`` column is DPIR's *architecture* trained by our ``train`` command on
+the user's data, not DPIR's released weights (they cannot be downloaded here).
+
+Outputs in ``out``: ``results.csv``, ``summary.md`` (paper-style PSNR/SSIM table, mean +/- 95% CI,
+feature-score and speed tables), ``fig_<noise>.png`` panels, ``psnr_boxplot.png`` and ``run.json``.
+
+Example:
+    >>> summary = run_benchmark("data/ct", "bench_out", noises=("gaussian",),
+    ...                         methods=("ours", "median"), max_images=4)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .baselines import BASELINE_COMMON_PARAMS, BASELINE_PARAMS, BASELINES
+from .errors import InputError, OutputError
+from .intensity import Normalizer
+from .metrics import feature_preservation, mean_ci95, psnr, ssim
+from .noise import DEFAULT_LEVEL, NOISE_NAMES
+
+__all__ = [
+    "BenchImage",
+    "LEARNED_METHODS",
+    "METHOD_ORDER",
+    "PSNR_CAP_DB",
+    "RESULT_FIELDS",
+    "add_benchmark_parser",
+    "make_noisy",
+    "original_units",
+    "read_results",
+    "run_benchmark",
+    "run_benchmark_cli",
+]
+
+#: Learned methods (checkpoints); everything else comes from BASELINES.
+LEARNED_METHODS = ("ours", "mse_only", "drunet")
+#: Column order of the tables: the paper's (Our, DPIR, Bilat., Filt. Comb., Gaus., Mean, Medi.,
+#: NL Mean., Wave., Wien.) with our MSE-only twin next to ours, BM3D after DPIR, "noisy" last.
+METHOD_ORDER = (
+    "ours", "mse_only", "drunet", "bm3d", "bilateral", "filter_combination", "gaussian", "mean",
+    "median", "nlmeans", "wavelet", "wiener", "noisy",
+)
+#: PSNR of a slice restored exactly is infinite; summaries average it as this value (dB).
+PSNR_CAP_DB = 100.0
+#: Slice size the wall times are scaled to.
+SPEED_REF_PIXELS = 512 * 512
+RESULT_FIELDS = (
+    "image", "source", "slice_index", "modality", "noise", "level", "method", "psnr_db", "ssim",
+    "feature_score", "seconds", "seconds_per_512", "height", "width", "data_range",
+)
+_KEY_FIELDS = ("source", "slice_index", "noise", "level", "method")
+_FIGURE_METHODS = ("ours", "drunet", "wavelet", "filter_combination")
+_LABELS = {
+    "ours": "Ours (FP loss)", "mse_only": "MSE-only", "drunet": "DRUNet*", "bm3d": "BM3D",
+    "bilateral": "Bilat.", "filter_combination": "Filt. Comb.", "gaussian": "Gaus. Filt.",
+    "mean": "Mean Filt.", "median": "Medi. Filt.", "nlmeans": "NL Mean.", "wavelet": "Wave. Den.",
+    "wiener": "Wien. Filt.", "noisy": "Noisy input",
+}
+
+
+@dataclass
+class BenchImage:
+    """One clean test slice: ``clean`` (y, x) float32 in the normalised range plus the
+    ``normalizer`` that maps it back to original units."""
+
+    clean: np.ndarray
+    normalizer: Normalizer
+    source: str
+    index: int
+    modality: str = "OT"
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def original_units(image: BenchImage, normalized: np.ndarray) -> np.ndarray:
+    """Map a normalised slice to the image's original units (float64, no clipping).
+
+    >>> im = BenchImage(np.zeros((2, 2), np.float32), Normalizer("window", -1024.0, 3071.0), "x", 0)
+    >>> float(original_units(im, np.ones((2, 2)))[0, 0])
+    3071.0
+    """
+    n = image.normalizer
+    return np.asarray(normalized, dtype=np.float64) * (float(n.hi) - float(n.lo)) + float(n.lo)
+
+
+def make_noisy(image: BenchImage, noise: str, level: float, seed: int) -> np.ndarray:
+    """The benchmark's noisy input for (slice, noise, level): identical for every method and across
+    resumed runs (the generator is seeded by ``seed`` and a CRC of source/slice/noise/level).
+
+    >>> from FPDenoiseLib.intensity import Normalizer
+    >>> im = BenchImage(np.full((16, 16), 0.5, np.float32), Normalizer("percentile", 0, 1), "a", 0)
+    >>> bool(np.array_equal(make_noisy(im, "gaussian", 0.5, 0), make_noisy(im, "gaussian", 0.5, 0)))
+    True
+    """
+    from .noise import add_noise
+
+    key = zlib.crc32(f"{image.source}|{image.index}|{noise}|{float(level):.6g}".encode())
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, key])
+    return np.asarray(add_noise(image.clean, noise, level=float(level), seed=rng), dtype=np.float32)
+
+
+def _fmt_level(level: float) -> str:
+    return f"{float(level):.6g}"
+
+
+def _row_key(row: dict) -> tuple:
+    return (str(row["source"]), int(row["slice_index"]), str(row["noise"]), _fmt_level(float(row["level"])),
+            str(row["method"]))
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """Rows of a ``results.csv`` as dicts (numbers as float, ``inf`` kept as inf, empty -> nan)."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if tuple(reader.fieldnames or ()) != RESULT_FIELDS:
+                raise InputError(f"{path}: not a benchmark results.csv (columns {reader.fieldnames})")
+            rows = list(reader)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read results ({err.strerror or err})") from None
+    num = ("level", "psnr_db", "ssim", "feature_score", "seconds", "seconds_per_512", "data_range")
+    for r in rows:
+        for k in num:
+            r[k] = float(r[k]) if r[k] not in ("", None) else math.nan
+        for k in ("image", "slice_index", "height", "width"):
+            r[k] = int(r[k])
+    return rows
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def _atomic_write(path: Path, writer: Callable[[Any], Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            writer(fh)
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({err.strerror or err})") from err
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_results(path: Path, rows: list[dict]) -> None:
+    def writer(fh: Any) -> None:
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (repr(float(r[k])) if isinstance(r[k], float) else r[k]) for k in RESULT_FIELDS})
+        fh.write(buf.getvalue().encode())
+
+    _atomic_write(path, writer)
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_benchmark_images(
+    data: str | os.PathLike | Sequence[Any],
+    *,
+    max_images: int | None,
+    seed: int = 0,
+    policy: dict | None = None,
+    protocol: str | None = None,
+    protocol_train: int = 5000,
+    protocol_test: int = 500,
+    size: int = 256,
+) -> list[BenchImage]:
+    """The clean test slices of a benchmark.
+
+    ``data`` is a folder / file (read with :func:`FPDenoiseLib.data.load_clean_slices`, then
+    ``max_images`` slices drawn at random with ``seed`` and kept in reading order), or a sequence of
+    :class:`BenchImage` / :class:`FPDenoiseLib.data.Slice` objects. With ``protocol`` ("lidc",
+    "rsna", "lits") the folder is a dataset in its distributed layout and the slices are the
+    *test* side of :func:`FPDenoiseLib.data.paper_protocol_slices` with the same
+    ``protocol_train`` / ``protocol_test`` / ``size`` / ``seed`` as the training run, so no
+    test patient was seen in training.
+    """
+    from . import data as fdata
+
+    if isinstance(data, (str, os.PathLike)):
+        if protocol:
+            _train, slices = fdata.paper_protocol_slices(
+                data, protocol, n_train=protocol_train, n_test=protocol_test, size=size, seed=seed, policy=policy
+            )
+            if max_images is not None:
+                slices = slices[: int(max_images)]
+        else:
+            per_volume = None if max_images is None else max(1, int(max_images))
+            slices = fdata.load_clean_slices(data, max_slices_per_volume=per_volume, seed=seed, policy=policy)
+            if max_images is not None and len(slices) > max_images:
+                pick = np.sort(np.random.default_rng(seed).choice(len(slices), size=int(max_images), replace=False))
+                slices = [slices[int(i)] for i in pick]
+    else:
+        slices = list(data)
+        if max_images is not None:
+            slices = slices[: int(max_images)]
+    out = []
+    for s in slices:
+        if isinstance(s, BenchImage):
+            out.append(s)
+            continue
+        arr = np.ascontiguousarray(s.array, dtype=np.float32)
+        if arr.ndim != 2:
+            raise InputError(f"{s.source}: benchmark slices must be 2D, got shape {arr.shape}")
+        norm = s.normalizer
+        if norm is None:  # slice already in the normalised range with no way back: score it there
+            norm = Normalizer("percentile", 0.0, 1.0)
+        out.append(BenchImage(arr, norm, str(s.source), int(s.index), str(s.modality or "OT")))
+    if not out:
+        raise InputError(f"{data}: no benchmark slices found")
+    return out
+
+
+# ---------------------------------------------------------------- methods
+
+
+@dataclass
+class _Method:
+    name: str
+    run: Callable[[np.ndarray], np.ndarray]
+    info: dict
+
+
+def _checkpoint_method_name(spec: str) -> tuple[str | None, Path]:
+    if "=" in spec and not Path(spec).exists():
+        name, path = spec.split("=", 1)
+        return name.strip(), Path(path)
+    return None, Path(spec)
+
+
+def _infer_name(training: dict, path: Path) -> str:
+    name = str(training.get("name") or "")
+    if name in LEARNED_METHODS:
+        return name
+    arch = str(training.get("arch") or "")
+    if arch == "drunet":
+        return "drunet"
+    if str(training.get("loss") or "") == "mse":
+        return "mse_only"
+    return name or path.stem
+
+
+def _learned_method(name: str, denoiser: Any) -> _Method:
+    info = {
+        "checkpoint": str(denoiser.checkpoint_path),
+        "sha256": denoiser.ckpt.get("sha256"),
+        "architecture": denoiser.ckpt["models"]["denoiser"]["config"],
+        "training": {k: v for k, v in denoiser.ckpt.get("training", {}).items() if k != "history"},
+    }
+    return _Method(name, denoiser.denoise_normalized, info)
+
+
+def _classical_method(name: str) -> _Method:
+    fn = BASELINES[name]
+    return _Method(name, lambda x: fn(x), {"params": BASELINE_PARAMS[name]})
+
+
+def _order(names: Iterable[str]) -> list[str]:
+    names = list(dict.fromkeys(names))
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return sorted(names, key=lambda m: (rank.get(m, len(rank)), names.index(m)))
+
+
+# ---------------------------------------------------------------- main entry
+
+
+def run_benchmark(
+    data: str | os.PathLike | Sequence[Any],
+    out: str | os.PathLike,
+    *,
+    model: str | os.PathLike | None = None,
+    baseline_models: Sequence[str] = (),
+    noises: Sequence[str] = NOISE_NAMES,
+    methods: Sequence[str] | None = None,
+    levels: Sequence[float] = (DEFAULT_LEVEL,),
+    max_images: int | None = 20,
+    seed: int = 0,
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+    figures: bool = True,
+    protocol: str | None = None,
+    protocol_train: int = 5000,
+    protocol_test: int = 500,
+    size: int = 256,
+) -> dict:
+    """Run the benchmark and write its outputs to ``out``; returns the summary dict.
+
+    Args:
+        data: folder/file of clean images, or a sequence of :class:`BenchImage` / ``Slice``.
+        out: output folder (created).
+        model: checkpoint of "ours" (default: the shipped model). Its restoration net is the
+            common feature extractor of the feature-preservation score for every method.
+        baseline_models: ``"NAME=CKPT"`` or ``"CKPT"`` (name from the checkpoint's training info:
+            DRUNet architecture -> "drunet", MSE loss -> "mse_only").
+        noises: noise names (default all 13); levels: severities in [0, 1].
+        methods: subset of methods (default: ours + given checkpoints + all classical + noisy).
+        max_images: number of clean slices (None = all).
+        seed: seeds the slice draw and every noisy input.
+        device: torch device for the networks ("auto", "cpu", "cuda", "mps").
+        resume: keep the rows already in ``out/results.csv`` and skip them.
+        progress: tqdm bar on stderr. figures: write the PNG figures.
+        protocol, protocol_train, protocol_test, size: the paper's dataset protocol
+            (see :func:`load_benchmark_images`).
+
+    Returns:
+        ``{"out", "n_rows", "n_new_rows", "methods", "noises", "levels", "psnr", "ssim",
+        "feature", "speed", "ci"}`` where ``psnr[noise][method]`` is the mean PSNR (dB) etc.
+    """
+    t_start = time.perf_counter()
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{out}: cannot create output folder ({err.strerror or err})") from None
+    noises = tuple(noises)
+    from .noise import NOISES
+
+    for n in noises:
+        if n not in NOISES:
+            raise InputError(f"noise {n!r}: unknown; choose from {', '.join(NOISE_NAMES)}")
+    if not noises:
+        raise InputError("no noise types given")
+    levels = tuple(float(v) for v in levels)
+    if not levels or any(not (0.0 <= v <= 1.0) for v in levels):
+        raise InputError(f"levels: need one or more severities in [0, 1], got {levels}")
+    known = set(LEARNED_METHODS) | set(BASELINES) | {"noisy"}
+
+    # ---- learned models
+    from .inference import Denoiser, default_model_path
+
+    learned: dict[str, Any] = {}
+    ours_path = Path(model) if model else default_model_path()
+    want_ours = methods is None or "ours" in methods
+    if model is not None or ours_path.is_file():
+        learned["ours"] = Denoiser(ours_path, device=device)
+    elif methods is not None and "ours" in methods:
+        raise InputError(f"{ours_path}: model checkpoint not found (pass --model CKPT)")
+    for spec in baseline_models:
+        name, path = _checkpoint_method_name(str(spec))
+        den = Denoiser(path, device=device)
+        name = name or _infer_name(den.ckpt.get("training", {}), path)
+        if name == "ours":
+            raise InputError(f"{path}: 'ours' is the --model checkpoint; name baseline models mse_only/drunet")
+        learned[name] = den
+        known.add(name)
+    if methods is None:
+        methods = [m for m in learned if m != "ours" or want_ours] + list(BASELINES) + ["noisy"]
+    for m in methods:
+        if m not in known:
+            raise InputError(f"method {m!r}: unknown; choose from {', '.join(_order(known))}")
+        if m in LEARNED_METHODS and m not in learned:
+            raise InputError(f"method {m!r} needs a checkpoint (--model for ours, --baseline-model {m}=CKPT)")
+    methods = _order(methods)
+    feature_net = learned["ours"] if "ours" in learned else None
+    if feature_net is not None and feature_net.restoration is None:
+        feature_net = None
+    run_methods: dict[str, _Method] = {}
+    for m in methods:
+        if m == "noisy":
+            run_methods[m] = _Method("noisy", lambda x: np.array(x, dtype=np.float32), {"params": "identity"})
+        elif m in learned:
+            run_methods[m] = _learned_method(m, learned[m])
+        else:
+            run_methods[m] = _classical_method(m)
+
+    policy = feature_net.policy if feature_net is not None else (
+        next(iter(learned.values())).policy if learned else None
+    )
+    images = load_benchmark_images(
+        data, max_images=max_images, seed=seed, policy=policy, protocol=protocol,
+        protocol_train=protocol_train, protocol_test=protocol_test, size=size,
+    )
+
+    # ---- resume
+    csv_path = out / "results.csv"
+    rows: list[dict] = []
+    if resume and csv_path.is_file():
+        rows = read_results(csv_path)
+    done = {_row_key(r) for r in rows}
+    n_before = len(rows)
+
+    # Warm-up: the first forward of a network pays for allocations / kernel selection; keep it out
+    # of the timings.
+    if images:
+        probe = images[0].clean
+        for name, den in learned.items():
+            if name in run_methods:
+                den.denoise_normalized(probe)
+        if feature_net is not None:
+            _gb_signed(feature_net, probe[None])
+
+    from tqdm import tqdm
+
+    groups = [(i, im, nz, lv) for i, im in enumerate(images) for nz in noises for lv in levels]
+    last_flush = time.monotonic()
+    bar = tqdm(total=len(groups), desc="benchmark", unit="case", disable=not progress, file=sys.stderr)
+    try:
+        for i, im, nz, lv in groups:
+            todo = [m for m in methods if (im.source, im.index, nz, _fmt_level(lv), m) not in done]
+            if todo:
+                rows += _run_group(i, im, nz, lv, todo, run_methods, feature_net, seed)
+                done.update(_row_key(r) for r in rows[-len(todo):])
+                if time.monotonic() - last_flush > 5.0:
+                    _write_results(csv_path, rows)
+                    last_flush = time.monotonic()
+            bar.update(1)
+    finally:
+        bar.close()
+        _write_results(csv_path, rows)
+
+    summary = summarize(rows, methods=methods, noises=noises, levels=levels)
+    summary.update(out=str(out), n_rows=len(rows), n_new_rows=len(rows) - n_before)
+    notes = _notes(feature_net, learned)
+    _atomic_write_text(out / "summary.md", render_summary_md(summary, notes=notes))
+    if figures:
+        _figures(out, images, noises, levels[0], run_methods, feature_net, seed, rows, methods)
+    run_info = {
+        "fpdenoise_version": __version__,
+        "versions": _versions(),
+        "device": str(feature_net.device if feature_net is not None else (
+            next(iter(learned.values())).device if learned else "cpu")),
+        "seed": seed,
+        "data": str(data) if isinstance(data, (str, os.PathLike)) else "<in-memory slices>",
+        "protocol": protocol and {"layout": protocol, "n_train": protocol_train, "n_test": protocol_test, "size": size},
+        "images": [{"source": im.source, "slice_index": im.index, "modality": im.modality,
+                    "shape": list(im.clean.shape), "normalizer": im.normalizer.to_dict()} for im in images],
+        "noises": list(noises),
+        "levels": list(levels),
+        "methods": {m: run_methods[m].info for m in methods},
+        "baseline_params": dict(BASELINE_PARAMS),
+        "baseline_common_params": BASELINE_COMMON_PARAMS,
+        "feature_extractor": (str(feature_net.checkpoint_path) + " restoration net") if feature_net else None,
+        "psnr_cap_db": PSNR_CAP_DB,
+        "data_range": "max(clean) - min(clean) of each clean slice in original units",
+        "speed": "wall seconds per slice (batch 1), scaled linearly to 512x512 pixels",
+        "resumed_rows": n_before,
+        "new_rows": len(rows) - n_before,
+        "total_seconds": time.perf_counter() - t_start,
+    }
+    _atomic_write_text(out / "run.json", json.dumps(run_info, indent=2, default=str) + "\n")
+    summary["total_seconds"] = run_info["total_seconds"]
+    return summary
+
+
+def _gb_signed(feature_net: Any, stack: np.ndarray) -> np.ndarray:
+    """Signed GB_f of a (n, y, x) normalised stack, float32 (one batched backward)."""
+    import torch
+
+    from .xai import guided_backprop
+
+    t = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))[:, None].to(feature_net.device)
+    return guided_backprop(feature_net.restoration, t)[:, 0].float().cpu().numpy()
+
+
+def _run_group(
+    i: int, im: BenchImage, noise: str, level: float, todo: list[str], run_methods: dict[str, _Method],
+    feature_net: Any, seed: int,
+) -> list[dict]:
+    noisy = make_noisy(im, noise, level, seed)
+    h, w = im.clean.shape
+    outs, secs = [], []
+    for m in todo:
+        t0 = time.perf_counter()
+        den = np.asarray(run_methods[m].run(noisy), dtype=np.float32)
+        secs.append(time.perf_counter() - t0)
+        if den.shape != im.clean.shape or not np.isfinite(den).all():
+            raise InputError(f"{im.source}[{im.index}]: method {m} returned shape {den.shape} or non-finite values")
+        outs.append(den)
+    clean_o = original_units(im, im.clean)
+    data_range = float(clean_o.max() - clean_o.min())
+    if not data_range > 0:
+        data_range = float(im.normalizer.hi - im.normalizer.lo)  # flat slice: the normaliser's span
+    if feature_net is not None:
+        gbs = _gb_signed(feature_net, np.stack([im.clean, *outs]))
+        fscores = [feature_preservation(gbs[0], g) for g in gbs[1:]]
+    else:
+        fscores = [math.nan] * len(outs)
+    rows = []
+    for m, den, sec, fs in zip(todo, outs, secs, fscores, strict=True):
+        den_o = original_units(im, den)
+        rows.append({
+            "image": i, "source": im.source, "slice_index": im.index, "modality": im.modality,
+            "noise": noise, "level": float(level), "method": m,
+            "psnr_db": psnr(clean_o, den_o, data_range=data_range),
+            "ssim": ssim(clean_o, den_o, data_range=data_range),
+            "feature_score": float(fs), "seconds": float(sec),
+            "seconds_per_512": float(sec) * SPEED_REF_PIXELS / float(h * w),
+            "height": h, "width": w, "data_range": data_range,
+        })
+    return rows
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _finite(values: Iterable[float], cap: float | None = None) -> list[float]:
+    out = []
+    for v in values:
+        v = float(v)
+        if cap is not None and v == math.inf:
+            v = cap
+        if math.isfinite(v):
+            out.append(v)
+    return out
+
+
+def summarize(rows: list[dict], *, methods: Sequence[str], noises: Sequence[str], levels: Sequence[float]) -> dict:
+    """Aggregate result rows: per (noise[@level], method) means, per-method mean and 95% CI, speed.
+
+    Infinite PSNR (exact restoration) counts as :data:`PSNR_CAP_DB`.
+    """
+    multi = len(levels) > 1
+    keys = [(n, lv) for n in noises for lv in levels]
+
+    def label(n: str, lv: float) -> str:
+        return f"{n}@{_fmt_level(lv)}" if multi else n
+
+    by: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by.setdefault((r["noise"], _fmt_level(r["level"]), r["method"]), []).append(r)
+    res: dict[str, Any] = {"methods": list(methods), "noises": [label(n, lv) for n, lv in keys],
+                           "levels": list(levels), "psnr": {}, "ssim": {}, "feature": {}, "n": {}}
+    for n, lv in keys:
+        lab = label(n, lv)
+        for metric, col, cap in (("psnr", "psnr_db", PSNR_CAP_DB), ("ssim", "ssim", None), ("feature", "feature_score", None)):
+            res[metric][lab] = {}
+            for m in methods:
+                vals = _finite((r[col] for r in by.get((n, _fmt_level(lv), m), [])), cap)
+                res[metric][lab][m] = float(np.mean(vals)) if vals else math.nan
+        res["n"][lab] = {m: len(by.get((n, _fmt_level(lv), m), [])) for m in methods}
+    res["ci"] = {}
+    res["speed"] = {}
+    sel = {(n, _fmt_level(lv)) for n, lv in keys}
+    for m in methods:
+        mrows = [r for r in rows if r["method"] == m and (r["noise"], _fmt_level(r["level"])) in sel]
+        entry = {}
+        for metric, col, cap in (("psnr", "psnr_db", PSNR_CAP_DB), ("ssim", "ssim", None), ("feature", "feature_score", None)):
+            vals = _finite((r[col] for r in mrows), cap)
+            entry[metric] = mean_ci95(vals) if vals else (math.nan, math.nan, math.nan)
+        entry["n"] = len(mrows)
+        res["ci"][m] = entry
+        t = [r["seconds_per_512"] for r in mrows]
+        med = float(np.median(t)) if t else math.nan
+        res["speed"][m] = {"median_s_per_512": med, "slices_per_s": (1.0 / med) if med > 0 else math.nan}
+    return res
+
+
+def _cell(v: float, fmt: str, bold: bool) -> str:
+    if not math.isfinite(v):
+        return "-"
+    s = format(v, fmt)
+    return f"**{s}**" if bold else s
+
+
+def _best(values: dict[str, float], methods: Sequence[str]) -> float:
+    cand = [values[m] for m in methods if m != "noisy" and math.isfinite(values.get(m, math.nan))]
+    return max(cand) if cand else math.nan
+
+
+def _metric_rows(res: dict, metric: str, fmt: str, methods: Sequence[str], first: str) -> list[str]:
+    lines = []
+    for j, lab in enumerate(res["noises"]):
+        vals = res[metric][lab]
+        best = _best(vals, methods)
+        cells = [_cell(vals[m], fmt, m != "noisy" and format(vals[m], fmt) == format(best, fmt) if math.isfinite(best) else False)
+                 for m in methods]
+        lines.append(f"| {first if j == 0 else ''} | {lab} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_summary_md(res: dict, *, notes: Sequence[str] = ()) -> str:
+    """The ``summary.md`` text: paper-style table (PSNR block then SSIM block; rows noise types,
+    columns methods, best method per row in bold, "noisy" never bolded), mean +/- 95% CI,
+    feature-score table, speed table, then ``notes``."""
+    methods = res["methods"]
+    head = "| Metric | Noise | " + " | ".join(methods) + " |"
+    sep = "| --- | --- | " + " | ".join("---:" for _ in methods) + " |"
+    L = ["# FPDenoise benchmark", "", "## PSNR (dB) and SSIM per noise type", "",
+         "Mean over test slices; best method per row in **bold** (the `noisy` column is the input, "
+         "shown for reference and never bolded).", "", head, sep]
+    L += _metric_rows(res, "psnr", ".2f", methods, "PSNR")
+    L += _metric_rows(res, "ssim", ".3f", methods, "SSIM")
+    L += ["", "## Mean and 95% confidence interval over all slices and noise types", "",
+          "| Method | n | PSNR (dB) | SSIM | Feature score |", "| --- | ---: | --- | --- | --- |"]
+
+    def ci(t: tuple, fmt: str) -> str:
+        m, lo, hi = t
+        if not math.isfinite(m):
+            return "-"
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return format(m, fmt)
+        return f"{format(m, fmt)} [{format(lo, fmt)}, {format(hi, fmt)}]"
+
+    for m in methods:
+        e = res["ci"][m]
+        L.append(f"| {m} | {e['n']} | {ci(e['psnr'], '.2f')} | {ci(e['ssim'], '.3f')} | {ci(e['feature'], '.3f')} |")
+    L += ["", "## Feature-preservation score per noise type", "",
+          "Pearson correlation of GB_f(clean) and GB_f(denoised) (1 = same saliency pattern); best in **bold**.",
+          "", "| Noise | " + " | ".join(methods) + " |", "| --- | " + " | ".join("---:" for _ in methods) + " |"]
+    for lab in res["noises"]:
+        vals = res["feature"][lab]
+        best = _best(vals, methods)
+        cells = [_cell(vals[m], ".3f", m != "noisy" and math.isfinite(best) and format(vals[m], ".3f") == format(best, ".3f"))
+                 for m in methods]
+        L.append(f"| {lab} | " + " | ".join(cells) + " |")
+    L += ["", "## Speed", "", "Median wall time per slice (batch of one), scaled to a 512x512 slice.", "",
+          "| Method | s / 512x512 slice | slices / s | x ours |", "| --- | ---: | ---: | ---: |"]
+    ours_t = res["speed"].get("ours", {}).get("median_s_per_512", math.nan)
+    for m in methods:
+        s = res["speed"][m]
+        ratio = s["median_s_per_512"] / ours_t if (math.isfinite(ours_t) and ours_t > 0) else math.nan
+        L.append(f"| {m} | {_cell(s['median_s_per_512'], '.4f', False)} | {_cell(s['slices_per_s'], '.2f', False)} | "
+                 f"{_cell(ratio, '.1f', False)} |")
+    if notes:
+        L += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(L) + "\n"
+
+
+def _notes(feature_net: Any, learned: dict) -> list[str]:
+    notes = [
+        "PSNR and SSIM are computed on the original intensity scale (HU for CT; file units otherwise) with "
+        "data_range = max(clean) - min(clean) of each clean slice in those units.",
+        f"An exactly restored slice has infinite PSNR; means and CIs count it as {PSNR_CAP_DB:g} dB (results.csv "
+        "keeps inf).",
+        "Every method denoises the same noisy input per slice, noise type and level.",
+    ]
+    if feature_net is not None:
+        notes.append(
+            f"Feature score: one common feature extractor for every method, the restoration net f of "
+            f"{feature_net.checkpoint_path.name} (ours); signed Guided-Backprop maps."
+        )
+    else:
+        notes.append("Feature score not computed: no checkpoint with a restoration net was given (--model).")
+    if "drunet" in learned:
+        notes.append(
+            "drunet = DPIR's DRUNet architecture trained here by `fpdenoise train` on the same data; NOT DPIR's "
+            "released weights (they cannot be downloaded here), so it is not a reproduction of DPIR's numbers."
+        )
+    notes.append("Classical baseline parameters (set once, not tuned on this data): " + BASELINE_COMMON_PARAMS + ".")
+    notes += [f"`{k}`: {v}" for k, v in BASELINE_PARAMS.items()]
+    return notes
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    v = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("torch", "numpy", "scipy", "scikit-image", "bm3d", "PyWavelets", "matplotlib"):
+        try:
+            v[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            v[pkg] = None
+    return v
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _figures(
+    out: Path, images: list[BenchImage], noises: Sequence[str], level: float, run_methods: dict[str, _Method],
+    feature_net: Any, seed: int, rows: list[dict], methods: Sequence[str],
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    im = images[0]
+    vmin, vmax = float(np.percentile(im.clean, 0.5)), float(np.percentile(im.clean, 99.5))
+    for nz in noises:
+        noisy = make_noisy(im, nz, level, seed)
+        panels: list[tuple[str, np.ndarray, str]] = [("Clean", im.clean, "gray"), ("Noisy", noisy, "gray")]
+        for m in _FIGURE_METHODS:
+            if m in run_methods:
+                panels.append((_LABELS[m], run_methods[m].run(noisy), "gray"))
+        if feature_net is not None:
+            panels.append(("GB noisy", np.abs(_gb_signed(feature_net, noisy[None])[0]), "inferno"))
+            den_m = "ours" if "ours" in run_methods else next((m for m in _FIGURE_METHODS if m in run_methods), None)
+            if den_m is not None:
+                den = run_methods[den_m].run(noisy)
+                panels.append((f"GB {_LABELS[den_m]}", np.abs(_gb_signed(feature_net, den[None])[0]), "inferno"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6))
+        for ax, (title, arr, cmap) in zip(np.atleast_1d(axes), panels, strict=True):
+            if cmap == "gray":
+                ax.imshow(arr, cmap=cmap, vmin=vmin, vmax=vmax)
+            else:
+                ax.imshow(arr, cmap=cmap, vmin=0, vmax=float(np.percentile(arr, 99.5)) or 1.0)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+        fig.suptitle(f"{nz} (level {_fmt_level(level)}) - {Path(im.source).name} slice {im.index}", fontsize=9)
+        fig.tight_layout()
+        _save_fig(fig, out / f"fig_{nz}.png")
+        plt.close(fig)
+    # PSNR per method over all rows (inf capped)
+    data = [_finite((r["psnr_db"] for r in rows if r["method"] == m), PSNR_CAP_DB) for m in methods]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(methods)), 3.5))
+    ax.boxplot([d if d else [math.nan] for d in data], showfliers=False)
+    ax.set_xticks(range(1, len(methods) + 1), [_LABELS.get(m, m) for m in methods], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title("PSNR per method (all noise types)")
+    fig.tight_layout()
+    _save_fig(fig, out / "psnr_boxplot.png")
+    plt.close(fig)
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_benchmark_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``benchmark`` subcommand to an argparse ``subparsers`` object; returns its parser."""
+    p = subparsers.add_parser(
+        "benchmark",
+        help="compare ours / MSE-only / DRUNet / classical filters on 13 noise types",
+        description="Paper-comparison benchmark: PSNR, SSIM, feature-preservation score and speed of every "
+        "method on the same noisy inputs; writes results.csv, summary.md, figures and run.json to --out.",
+    )
+    p.add_argument("--data", required=True, help="folder of clean images/volumes (or a dataset with --protocol)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", default=None, help="checkpoint of ours (default: the shipped model)")
+    p.add_argument("--baseline-model", action="append", default=[], metavar="[NAME=]CKPT",
+                   help="learned baseline checkpoint, e.g. mse_only=mse.pt or drunet=drunet.pt (repeatable)")
+    p.add_argument("--noises", nargs="+", default=list(NOISE_NAMES), metavar="NOISE",
+                   help=f"noise types (default all 13: {' '.join(NOISE_NAMES)})")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="methods (default: ours, given baseline models, " + ", ".join(BASELINES) + ", noisy)")
+    p.add_argument("--levels", nargs="+", type=float, default=[DEFAULT_LEVEL], metavar="LEVEL",
+                   help=f"noise severities in [0, 1] (default {DEFAULT_LEVEL})")
+    p.add_argument("--max-images", type=int, default=20, help="number of clean test slices (default 20; 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the slice draw and the noise (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (networks only)")
+    p.add_argument("--resume", action="store_true", help="skip rows already in OUT/results.csv")
+    p.add_argument("--no-figures", action="store_true", help="do not write PNG figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--protocol", choices=("lidc", "rsna", "lits"), default=None,
+                   help="--data is a LIDC-IDRI / RSNA Pneumonia / LiTS folder: use the paper's patient-split test slices")
+    p.add_argument("--protocol-train", type=int, default=5000, help="protocol: training slices drawn (default 5000)")
+    p.add_argument("--protocol-test", type=int, default=500, help="protocol: test slices drawn (default 500)")
+    p.add_argument("--size", type=int, default=256, help="protocol: slices resized to SIZE x SIZE (default 256)")
+    p.set_defaults(func=run_benchmark_cli)
+    return p
+
+
+def run_benchmark_cli(args: argparse.Namespace) -> int:
+    """Run ``fpdenoise benchmark`` from parsed arguments; prints the summary table path. Returns 0."""
+    summary = run_benchmark(
+        args.data, args.out, model=args.model, baseline_models=args.baseline_model, noises=args.noises,
+        methods=args.methods, levels=args.levels, max_images=(args.max_images or None), seed=args.seed,
+        device=args.device, resume=args.resume, progress=not args.no_progress, figures=not args.no_figures,
+        protocol=args.protocol, protocol_train=args.protocol_train, protocol_test=args.protocol_test, size=args.size,
+    )
+    out = Path(summary["out"])
+    print((out / "summary.md").read_text())
+    print(f"{summary['n_rows']} rows ({summary['n_new_rows']} new) in {out / 'results.csv'}; "
+          f"{summary['total_seconds']:.1f} s")
+    return 0
