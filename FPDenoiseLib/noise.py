@@ -729,8 +729,8 @@ class WrapAroundArtifact(NoiseModel):
     Level: fov_fraction 1.0 -> 0.8 -> 0.6.
 
     >>> img = np.zeros((10, 4)); img[9] = 1
-    >>> WrapAroundArtifact(fov_fraction=0.8)(img)[1, 0]  # row 9 folds onto row 9 - 8 = 1
-    np.float32(1.0)
+    >>> float(WrapAroundArtifact(fov_fraction=0.8)(img)[1, 0])  # row 9 folds onto row 9 - 8 = 1
+    1.0
     """
 
     name = "wrap_around"
@@ -805,42 +805,48 @@ class SusceptibilityArtifact(NoiseModel):
         return {"max_shift_px": _ramp(level, 0.0, 3.0, 6.0), "dropout": _ramp(level, 0.0, 0.6, 0.9)}
 
     def _apply(self, a: np.ndarray) -> np.ndarray:
-        shape = a.shape
-        r0 = max(1.5, self.radius * min(shape[-2:]))
+        vol = a if a.ndim == 3 else a[None]  # view: writes go to a
+        nz, h, w = vol.shape
+        r0 = max(1.5, self.radius * min(h, w))
         support = 4.0 * r0
         if self.center is None:
-            c = np.array([self._rng.uniform(0.25 * (n - 1), 0.75 * (n - 1)) for n in shape])
+            c = np.array([self._rng.uniform(0.25 * (n - 1), 0.75 * (n - 1)) for n in a.shape])
         else:
             if len(self.center) != a.ndim:
                 raise InputError(f"{self.name}: center needs {a.ndim} coordinates, got {self.center!r}")
             c = np.array(self.center)
-        margin = [support] * a.ndim
-        margin[-1] = support + self.max_shift_px + 2  # room for the readout displacement
-        box = tuple(
-            slice(max(0, int(math.floor(ci - mi))), min(n, int(math.ceil(ci + mi)) + 1))
-            for ci, mi, n in zip(c, margin, shape, strict=True)
-        )
-        if any(b.start >= b.stop for b in box):
+        cz, cy, cx = (c[0], c[1], c[2]) if a.ndim == 3 else (0.0, c[0], c[1])
+        mx = support + self.max_shift_px + 2  # room for the readout displacement
+        ys = slice(max(0, math.floor(cy - support)), min(h, math.ceil(cy + support) + 1))
+        xs = slice(max(0, math.floor(cx - mx)), min(w, math.ceil(cx + mx) + 1))
+        zs = range(max(0, math.floor(cz - support)), min(nz, math.ceil(cz + support) + 1))
+        if ys.start >= ys.stop or xs.start >= xs.stop:
             return a  # dipole entirely outside the image
-        crop = a[box]
-        grids = np.meshgrid(*[np.arange(b.start, b.stop, dtype=np.float64) for b in box], indexing="ij")
-        d = [g - ci for g, ci in zip(grids, c, strict=True)]
-        r2 = sum(di * di for di in d)
-        rho2 = r2 / r0**2
-        b0_comp = d[0]  # B0 along the first axis: y in 2D, z in 3D
-        cos2 = np.divide(b0_comp * b0_comp, r2, out=np.zeros_like(r2), where=r2 > 0)
-        taper = np.clip(1.0 - r2 / support**2, 0.0, 1.0) ** 2
-        field = 0.5 * (3.0 * cos2 - 1.0) * rho2 * np.exp(-rho2) * taper
-        peak = np.abs(field).max()
-        disp = field * (self.max_shift_px / peak) if peak > 0 else np.zeros_like(field)
-        # signal from true position x appears at x + disp: sample back at x' - disp(x')
-        local = [g - b.start for g, b in zip(grids, box, strict=True)]
-        local[-1] = local[-1] - disp
-        warped = ndimage.map_coordinates(crop, local, order=1, mode="nearest")
-        jac = 1.0 + np.gradient(disp, axis=-1) if disp.shape[-1] > 1 else np.ones_like(disp)
-        gain = 1.0 / np.clip(jac, 0.2, None)  # pile-up (jac < 1) / thinning (jac > 1)
-        keep = 1.0 - self.dropout * np.exp(-r2 / (0.75 * r0) ** 2) * taper
-        a[box] = (warped * gain * keep).astype(np.float32)
+        # peak of |field| (at cos^2 = 1) for the normalisation to max_shift_px
+        rr = np.linspace(0.0, support, 4001)
+        peak = float(np.max((rr / r0) ** 2 * np.exp(-((rr / r0) ** 2)) * (1 - (rr / support) ** 2) ** 2))
+        gy, gx = np.meshgrid(
+            np.arange(ys.start, ys.stop, dtype=np.float64),
+            np.arange(xs.start, xs.stop, dtype=np.float64),
+            indexing="ij",
+        )
+        dy, dx = gy - cy, gx - cx
+        for z in zs:  # slice by slice: bounded memory on large volumes
+            dz = float(z - cz) if a.ndim == 3 else 0.0
+            r2 = dy * dy + dx * dx + dz * dz
+            b0 = dz * dz if a.ndim == 3 else dy * dy  # B0 along z in 3D, along y in 2D
+            cos2 = np.divide(b0, r2, out=np.zeros_like(r2), where=r2 > 0)
+            taper = np.clip(1.0 - r2 / support**2, 0.0, 1.0) ** 2
+            rho2 = r2 / r0**2
+            disp = (self.max_shift_px / peak) * 0.5 * (3.0 * cos2 - 1.0) * rho2 * np.exp(-rho2) * taper
+            crop = vol[z, ys, xs]
+            # signal from true position x appears at x + disp: sample back at x' - disp(x')
+            coords = [gy - ys.start, gx - xs.start - disp]
+            warped = ndimage.map_coordinates(crop, coords, order=1, mode="nearest")
+            jac = 1.0 + np.gradient(disp, axis=-1) if disp.shape[-1] > 1 else np.ones_like(disp)
+            gain = 1.0 / np.clip(jac, 0.2, None)  # pile-up (jac < 1) / thinning (jac > 1)
+            keep = 1.0 - self.dropout * np.exp(-r2 / (0.75 * r0) ** 2) * taper  # intravoxel dephasing
+            vol[z, ys, xs] = (warped * gain * keep).astype(np.float32)
         return a
 
 
