@@ -1,0 +1,501 @@
+"""FPDenoise: explainable, feature-preserving denoising of CT, X-ray and MR volumes in 3D Slicer.
+
+Module = ScriptedLoadableModule + Widget (Qt, this file) + Logic (Qt-free, in
+``FPDenoiseSlicerLib/logic.py`` so the batch script, the headless tests and the browser viewer reuse
+it) + Test (Slicer self-test on the bundled sample). All math is in ``FPDenoiseLib``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import unittest
+from typing import Annotated
+
+import ctk  # noqa: F401  (ctk widgets in the .ui)
+import qt
+import slicer
+import vtk
+from FPDenoiseSlicerLib.logic import FPDenoiseMRMLLogic, missingDependencies
+from FPDenoiseSlicerLib.process import BackgroundJob
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+NOISE_NAMES = (
+    "gaussian", "poisson", "speckle", "noncentral_chi", "rician", "salt_pepper", "structured",
+    "thermal", "magnetic_field", "chemical_shift", "motion", "wrap_around", "susceptibility",
+)  # fmt: skip  (same as FPDenoiseLib.noise.NOISE_NAMES; listed here so the GUI builds before torch is installed)
+PAPER = (
+    "Medical Image Denoising via Explainable AI Feature Preserving Loss "
+    "(residual loss + lambda * ||GB_f(D(x~)) - GB_f(x)||^2, GB = Guided Backpropagation)"
+)
+
+
+#
+# FPDenoise
+#
+class FPDenoise(ScriptedLoadableModule):
+    """Module description shown in Slicer's module panel."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "FPDenoise"
+        self.parent.categories = ["Filtering.Denoising"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["FPDenoise developers"]
+        self.parent.helpText = (
+            "Explainable, feature-preserving denoising of CT, X-ray and MR images.<br>"
+            "<b>Denoise</b>: pick a volume and a model (shipped default or a checkpoint) and press Apply: "
+            "a denoised volume with the same geometry and units (HU stays HU) is added, together with the "
+            "Guided-Backpropagation saliency of the input and of the result, shown side by side as heat "
+            "overlays, and the feature-preservation score (1 = same salient features).<br>"
+            "<b>Simulate noise</b>: add one of 13 noise / artifact types to a clean volume to try the "
+            "denoiser against ground truth (PSNR / SSIM).<br>"
+            "<b>Train</b>: fine-tune on your loaded clean volumes in a background process (cancellable); "
+            "the result is a checkpoint you can select as the model."
+        )
+        self.parent.acknowledgementText = (
+            "Implements the method of the paper <i>" + PAPER + "</i>. Built on PyTorch and 3D Slicer."
+        )
+
+
+#
+# Parameter node: the module's state, saved with the scene.
+#
+@parameterNodeWrapper
+class FPDenoiseParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputVolume: vtkMRMLScalarVolumeNode
+    inputSaliency: vtkMRMLScalarVolumeNode
+    outputSaliency: vtkMRMLScalarVolumeNode
+    referenceVolume: vtkMRMLScalarVolumeNode
+    modelPath: str = ""  # empty: the shipped default model
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    computeSaliency: bool = True
+    runInBackground: bool = True
+    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    noiseName: Annotated[str, Choice(list(NOISE_NAMES))] = "gaussian"
+    noiseLevel: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    noiseSeed: int = 0
+    trainStage: Annotated[str, Choice(["denoiser", "both"])] = "denoiser"
+    trainSteps: Annotated[int, WithinRange(1, 1000000)] = 500
+    trainNoises: str = "mix"  # space-separated noise names, or "mix"
+    trainOutputPath: str = ""
+
+
+#
+# Widget
+#
+class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """GUI: everything long runs in a background process polled by a QTimer, so Slicer stays responsive."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None  # BackgroundJob while denoising/training
+        self._jobKind = ""
+        self._jobWorkDir = None
+        self._jobTarget = None
+        self._timer = None
+        self._dependenciesChecked = False
+
+    # ---- setup
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/FPDenoise.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = FPDenoiseLogic()
+        # Combo boxes bound to Choice fields are filled by the parameter node wrapper.
+        self.ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Files
+        self.ui.modelPathLineEdit.nameFilters = ["FPDenoise checkpoint (*.pt)"]
+        self.ui.trainOutputPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Writable
+        self.ui.trainOutputPathLineEdit.nameFilters = ["FPDenoise checkpoint (*.pt)"]
+        self.ui.trainVolumesSelector.setMRMLScene(slicer.mrmlScene)
+        self.ui.progressBar.setVisible(False)
+        self.ui.fpScoreLabel.text = "-"
+        self.ui.metricsLabel.text = "-"
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.simulateButton.connect("clicked(bool)", self.onSimulateButton)
+        self.ui.metricsButton.connect("clicked(bool)", self.onMetricsButton)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.defaultModelButton.connect("clicked(bool)", self.onDefaultModelButton)
+        self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
+        self.ui.sideBySideButton.connect("clicked(bool)", self.onSideBySideButton)
+        # Path fields are plain strings ("" = default model), synced by hand: the wrapper binds
+        # ctkPathLineEdit only to pathlib.Path, where "" would read back as ".".
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.ui.trainOutputPathLineEdit.connect("currentPathChanged(QString)", self.onTrainOutputPathChanged)
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.connect("timeout()", self.onPollJob)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        if self._job is not None and self._job.running:
+            self._job.cancel()
+        if self._timer is not None:
+            self._timer.stop()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Widgets with a SlicerParameterName property in the .ui are bound to the fields above.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
+
+    def onModelPathChanged(self, path: str) -> None:
+        if self._parameterNode and self._parameterNode.modelPath != path:
+            self._parameterNode.modelPath = path
+
+    def onTrainOutputPathChanged(self, path: str) -> None:
+        if self._parameterNode and self._parameterNode.trainOutputPath != path:
+            self._parameterNode.trainOutputPath = path
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is not None:
+            for widget, value in (
+                (self.ui.modelPathLineEdit, p.modelPath),
+                (self.ui.trainOutputPathLineEdit, p.trainOutputPath),
+            ):
+                if widget.currentPath != value:
+                    wasBlocked = widget.blockSignals(True)
+                    widget.currentPath = value
+                    widget.blockSignals(wasBlocked)
+            self.ui.modelLabel.text = p.modelPath or "shipped default model"
+        busy = self._job is not None
+        hasInput = bool(p and p.inputVolume)
+        self.ui.applyButton.enabled = hasInput and (not busy or self._jobKind == "denoise")
+        self.ui.applyButton.text = "Cancel" if busy and self._jobKind == "denoise" else "Apply"
+        self.ui.trainButton.enabled = not busy or self._jobKind == "train"
+        self.ui.trainButton.text = "Cancel training" if busy and self._jobKind == "train" else "Train"
+        self.ui.simulateButton.enabled = hasInput and not busy
+        self.ui.metricsButton.enabled = bool(p and p.referenceVolume and p.outputVolume)
+        self.ui.sideBySideButton.enabled = bool(p and p.inputVolume and p.outputVolume)
+
+    # ---- dependencies and device
+    def ensureDependencies(self) -> bool:
+        """On first use: if torch or other library dependencies are missing, ask, then install."""
+        if self._dependenciesChecked:
+            return True
+        missing = missingDependencies()
+        if missing:
+            names = ", ".join(req for _, req in missing)
+            if not slicer.util.confirmOkCancelDisplay(
+                f"FPDenoise needs these Python packages, which are not installed: {names}.\n\n"
+                "Install them now? (This downloads packages, may take several minutes, "
+                "and Slicer may need a restart afterwards.)",
+                windowTitle="FPDenoise: install dependencies",
+            ):
+                return False
+            with slicer.util.tryWithErrorDisplay("Failed to install FPDenoise dependencies.", waitCursor=True):
+                if any(mod == "torch" for mod, _ in missing):
+                    self._installTorch()
+                others = [req for mod, req in missing if mod != "torch"]
+                if others:
+                    slicer.util.pip_install(others)
+            if missingDependencies():
+                slicer.util.errorDisplay("Some dependencies are still missing; please restart Slicer and try again.")
+                return False
+        self._dependenciesChecked = True
+        return True
+
+    @staticmethod
+    def _installTorch() -> None:
+        # The PyTorch extension's installer picks the torch build matching the GPU driver (CUDA/CPU).
+        try:
+            import PyTorchUtils
+
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                torchLogic.installTorch(askConfirmation=False)
+            return
+        except ImportError:
+            logging.info("PyTorch extension not found; installing torch with pip")
+        slicer.util.pip_install("torch")
+
+    def _checkDevice(self) -> bool:
+        ok, message = self.logic.checkDevice(self._parameterNode.device, self._parameterNode.inputVolume)
+        self.ui.statusLabel.text = message
+        if not ok:
+            slicer.util.errorDisplay(message, windowTitle="FPDenoise: device")
+        return ok
+
+    def _modelPath(self):
+        return self._parameterNode.modelPath.strip() or None
+
+    # ---- denoise
+    def onApplyButton(self) -> None:
+        if self._job is not None:
+            self._cancelJob()
+            return
+        if not self.ensureDependencies() or not self._checkDevice():
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Denoising failed.", waitCursor=True):
+            if p.runInBackground:
+                cmd, work = self.logic.prepareBackgroundDenoise(
+                    p.inputVolume, modelPath=self._modelPath(), device=p.device, computeSaliency=p.computeSaliency
+                )
+                self._startJob("denoise", cmd, work, p.inputVolume)
+            else:
+                self._showProgress(0, 1, "denoising")
+                result = self.logic.denoise(
+                    p.inputVolume,
+                    self._modelPath(),
+                    device=p.device,
+                    computeSaliency=p.computeSaliency,
+                    progress=lambda d, t: self._showProgress(d, t, "denoising", processEvents=True),
+                )
+                self._onDenoiseResult(result)
+
+    def _onDenoiseResult(self, result: dict) -> None:
+        p = self._parameterNode
+        p.outputVolume = result["outputVolumeNode"]
+        p.inputSaliency = result["inputSaliencyNode"]
+        p.outputSaliency = result["outputSaliencyNode"]
+        fp = result["fpScore"]
+        self.ui.fpScoreLabel.text = "-" if fp is None else f"{fp:.3f}"
+        gt = self.logic.groundTruthFor(p.inputVolume)
+        if gt is not None:
+            p.referenceVolume = gt
+            self.onMetricsButton()
+        self.onSideBySideButton()
+        self.ui.progressBar.setVisible(False)
+
+    def onSideBySideButton(self) -> None:
+        p = self._parameterNode
+        if p.outputSaliency is None and p.outputVolume is not None:
+            slicer.util.setSliceViewerLayers(background=p.outputVolume, fit=True)
+            return
+        self.logic.showSideBySide(p.inputVolume, p.inputSaliency, p.outputVolume, p.outputSaliency, p.overlayOpacity)
+
+    def onOpacityChanged(self, value: float) -> None:
+        self.logic.setOverlayOpacity(value)
+
+    def onDefaultModelButton(self) -> None:
+        self._parameterNode.modelPath = ""
+
+    # ---- simulate / metrics
+    def onSimulateButton(self) -> None:
+        if not self.ensureDependencies():
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Noise simulation failed.", waitCursor=True):
+            clean = p.inputVolume
+            noisy = self.logic.simulateNoise(clean, p.noiseName, p.noiseLevel, p.noiseSeed)
+            p.referenceVolume = clean
+            p.inputVolume = noisy
+            slicer.util.setSliceViewerLayers(background=noisy, foreground=None, fit=True)
+            self.ui.statusLabel.text = f"Added {noisy.GetName()}; it is now the input (ground truth: {clean.GetName()})."
+
+    def onMetricsButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Metrics failed."):
+            lines = []
+            for label, node in (("input", p.inputVolume), ("denoised", p.outputVolume)):
+                if node is not None and node is not p.referenceVolume:
+                    m = self.logic.computeMetrics(p.referenceVolume, node)
+                    lines.append(f"{label}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}")
+            self.ui.metricsLabel.text = "\n".join(lines) or "-"
+
+    # ---- training
+    def onTrainButton(self) -> None:
+        if self._job is not None:
+            self._cancelJob()
+            return
+        if not self.ensureDependencies() or not self._checkDevice():
+            return
+        p = self._parameterNode
+        nodes = list(self.ui.trainVolumesSelector.checkedNodes())
+        if not nodes:
+            slicer.util.errorDisplay("Check at least one clean volume to train on.")
+            return
+        out = p.trainOutputPath.strip() or os.path.join(
+            slicer.app.defaultScenePath, "fpdenoise_finetuned.pt"
+        )
+        with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
+            work = tempfile.mkdtemp(prefix="FPDenoise-train-")
+            self.logic.exportVolumesForTraining(nodes, os.path.join(work, "data"))
+            cmd = self.logic.trainingCommand(
+                os.path.join(work, "data"),
+                out,
+                stage=p.trainStage,
+                noises=p.trainNoises.split() or ["mix"],
+                steps=p.trainSteps,
+                device=p.device,
+                initModelPath=self._modelPath(),
+            )
+            self._startJob("train", cmd, work, out)
+
+    # ---- background job plumbing
+    def _startJob(self, kind: str, cmd: list, workDir, target) -> None:
+        logging.info("FPDenoise: running %s", " ".join(cmd))
+        self._job = BackgroundJob(
+            cmd, launcher=slicer.util.launchConsoleProcess, env=self.logic.backgroundEnvironment()
+        )
+        self._jobKind, self._jobWorkDir, self._jobTarget = kind, workDir, target
+        self._showProgress(0, 0, f"{kind}: starting")
+        self._updateButtons()
+        self._timer.start()
+
+    def _showProgress(self, done: int, total: int, message: str, processEvents: bool = False) -> None:
+        bar = self.ui.progressBar
+        bar.setVisible(True)
+        bar.maximum = max(0, int(total))  # 0 = busy indicator while the total is unknown
+        bar.value = int(done)
+        self.ui.statusLabel.text = message
+        if processEvents:
+            slicer.app.processEvents()
+
+    def onPollJob(self) -> None:
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        lines, progress, code = job.poll()
+        for line in lines:
+            logging.debug("FPDenoise: %s", line)
+        if progress is not None:
+            self._showProgress(progress.done, progress.total, f"{self._jobKind}: {progress.message}")
+        if code is None:
+            return
+        self._timer.stop()
+        kind, work, target = self._jobKind, self._jobWorkDir, self._jobTarget
+        self._job, self._jobKind = None, ""
+        self.ui.progressBar.setVisible(False)
+        try:
+            if job.cancelled:
+                self.ui.statusLabel.text = f"{kind} cancelled."
+            elif code != 0:
+                self.ui.statusLabel.text = f"{kind} failed."
+                slicer.util.errorDisplay(f"FPDenoise {kind} failed:\n{job.error_summary()}")
+            elif kind == "denoise":
+                self._onDenoiseResult(self.logic.loadBackgroundDenoiseResults(target, work))
+                self.ui.statusLabel.text = "Denoising finished."
+            elif kind == "train":
+                self._parameterNode.modelPath = str(target)
+                self.ui.statusLabel.text = f"Training finished: {target} is now the selected model."
+        finally:
+            if work:  # exported inputs / worker outputs are no longer needed
+                shutil.rmtree(work, ignore_errors=True)
+            self._updateButtons()
+
+    def _cancelJob(self) -> None:
+        if self._job is not None:
+            self.ui.statusLabel.text = "Cancelling..."
+            self._job.cancel()  # kills the whole process tree; onPollJob finishes the bookkeeping
+            self.onPollJob()
+
+
+#
+# Logic
+#
+class FPDenoiseLogic(ScriptedLoadableModuleLogic, FPDenoiseMRMLLogic):
+    """Slicer module logic: the Qt-free :class:`FPDenoiseMRMLLogic` plus the module's parameter node."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        FPDenoiseMRMLLogic.__init__(self)
+
+    def getParameterNode(self):
+        return FPDenoiseParameterNode(super().getParameterNode())
+
+
+#
+# Test (runs inside Slicer: Developer mode > Reload and Test, or ctest)
+#
+class FPDenoiseTest(ScriptedLoadableModuleTest):
+    """Self-test on the bundled sample: denoise, overlays, simulate noise, metrics."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_FPDenoise_sample()
+
+    def test_FPDenoise_sample(self):
+        import numpy as np
+
+        logic = FPDenoiseLogic()
+        samplePath = logic.sampleDataPath()
+        if not os.path.exists(samplePath):
+            raise unittest.SkipTest(f"bundled sample not found: {samplePath}")
+        self.delayDisplay("Loading the bundled sample")
+        volume = logic.loadImageAsVolume(samplePath)
+        self.assertIsNotNone(volume)
+        original = slicer.util.arrayFromVolume(volume).copy()
+
+        self.delayDisplay("Simulating Gaussian noise")
+        noisy = logic.simulateNoise(volume, "gaussian", 0.5, seed=1)
+        self.assertEqual(logic.groundTruthFor(noisy), volume)
+
+        self.delayDisplay("Denoising (CPU)")
+        result = logic.denoise(noisy, device="cpu")
+        out = result["outputVolumeNode"]
+        self.assertEqual(slicer.util.arrayFromVolume(out).shape, original.shape)
+        self.assertEqual(out.GetSpacing(), volume.GetSpacing())
+        self.assertEqual(out.GetOrigin(), volume.GetOrigin())
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), original), "input modified")
+        self.assertIsNotNone(result["fpScore"])
+
+        before = logic.computeMetrics(volume, noisy)["psnr"]
+        after = logic.computeMetrics(volume, out)["psnr"]
+        self.delayDisplay(f"PSNR noisy {before:.2f} dB -> denoised {after:.2f} dB")
+        self.assertGreater(after, before)
+
+        views = logic.showSideBySide(noisy, result["inputSaliencyNode"], out, result["outputSaliencyNode"], 0.4)
+        self.assertEqual(views["Yellow"].GetBackgroundVolumeID(), out.GetID())
+        self.assertAlmostEqual(views["Red"].GetForegroundOpacity(), 0.4)
+        self.assertEqual(logic.layoutNode().GetViewArrangement(), slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        self.delayDisplay("Test passed")

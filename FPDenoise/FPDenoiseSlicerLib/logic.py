@@ -1,0 +1,723 @@
+"""Qt-free Logic of the FPDenoise Slicer module: MRML nodes in, MRML nodes out.
+
+Everything here uses only APIs present both in 3D Slicer and in the ``slicer-core`` PyPI package
+(MRML + ``slicer.util`` without Qt), so the same class drives the Slicer module, the batch script
+(``Slicer --no-main-window --python-script``), the headless tests on a bare ``vtkMRMLScene`` and the
+browser viewer. The math lives in :mod:`FPDenoiseLib`; this file only moves arrays and geometry
+between MRML nodes and the library and configures how results are displayed.
+
+Geometry: ``slicer.util.arrayFromVolume`` is ``(k, j, i) = (z, y, x)``, the library's order. Slicer
+works in RAS, the library (ITK) in LPS; the conversion flips the first two axes.
+
+Example (plain Python with ``pip install slicer-core``)::
+
+    import slicer
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    from FPDenoiseSlicerLib.logic import FPDenoiseMRMLLogic
+    logic = FPDenoiseMRMLLogic()
+    ct = logic.loadImageAsVolume("chest.nrrd")
+    result = logic.denoise(ct)                       # dict of nodes + feature-preservation score
+    logic.showSideBySide(ct, result["inputSaliencyNode"], result["outputVolumeNode"],
+                         result["outputSaliencyNode"], opacity=0.5)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import slicer
+
+log = logging.getLogger("FPDenoise")
+
+ProgressCallback = Callable[[int, int], None]
+
+# Heat colour maps Slicer ships, best first (Slicer has no "Hot" table). The first two exist in the
+# Slicer application; a bare MRML scene has none of them, and then we add a PET-Heat node ourselves.
+HEAT_COLOR_NODE_IDS = (
+    "vtkMRMLColorTableNodeFileInferno.txt",
+    "vtkMRMLPETProceduralColorNodePET-Heat",
+    "vtkMRMLColorTableNodeIron",
+)
+LEFT_VIEW, RIGHT_VIEW = "Red", "Yellow"
+# Layout XML Slicer's layout manager uses for SlicerLayoutSideBySideView; registered only when the
+# scene's layout node does not know that layout (bare scene without a layout manager).
+_SIDE_BY_SIDE_XML = (
+    '<layout type="horizontal">'
+    '<item><view class="vtkMRMLSliceNode" singletontag="Red">'
+    '<property name="orientation" action="default">Axial</property>'
+    '<property name="viewlabel" action="default">R</property>'
+    '<property name="viewcolor" action="default">#F34A33</property></view></item>'
+    '<item><view class="vtkMRMLSliceNode" singletontag="Yellow">'
+    '<property name="orientation" action="default">Axial</property>'
+    '<property name="viewlabel" action="default">Y</property>'
+    '<property name="viewcolor" action="default">#EDD54C</property></view></item>'
+    "</layout>"
+)
+# Modules the library needs at run time: (import name, pip requirement). torch is special-cased:
+# inside Slicer it is installed by the PyTorch extension's installer (right CUDA build) when present.
+REQUIRED_MODULES = (
+    ("torch", "torch"),
+    ("numpy", "numpy"),
+    ("scipy", "scipy"),
+    ("skimage", "scikit-image"),
+    ("pydicom", "pydicom>=3.0"),
+    ("SimpleITK", "SimpleITK"),
+    ("tqdm", "tqdm"),
+    ("pywt", "PyWavelets"),
+    ("tifffile", "tifffile"),
+    ("PIL", "pillow"),
+)
+_LPS_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def ensureLibraryImportable() -> None:
+    """Make ``import FPDenoiseLib`` work when the module runs from a source checkout.
+
+    In a built extension the library is copied next to the module script; in a checkout (module path
+    ``<repo>/FPDenoise``) it lives in ``<repo>/FPDenoiseLib``.
+    """
+    if importlib.util.find_spec("FPDenoiseLib") is not None:
+        return
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "FPDenoiseLib" / "__init__.py").is_file():
+        sys.path.insert(0, str(repo))
+
+
+def missingDependencies() -> list[tuple[str, str]]:
+    """``(import name, pip requirement)`` of every library dependency that is not importable."""
+    return [(mod, req) for mod, req in REQUIRED_MODULES if importlib.util.find_spec(mod) is None]
+
+
+class FPDenoiseMRMLLogic:
+    """Denoising, saliency overlays, noise simulation, metrics and training commands on MRML nodes.
+
+    Works on ``slicer.mrmlScene`` at call time (so it follows a scene replaced by the caller). No Qt.
+    """
+
+    def __init__(self) -> None:
+        ensureLibraryImportable()
+        self._denoisers: dict[tuple[str, str], object] = {}
+
+    # ------------------------------------------------------------------ geometry / conversion
+    @staticmethod
+    def _scene():
+        return slicer.mrmlScene
+
+    @staticmethod
+    def ijkToRasFromGeometry(spacing, origin, direction) -> np.ndarray:
+        """4x4 IJK-to-RAS matrix from ITK/LPS ``spacing`` (x,y,z), ``origin`` and row-major ``direction``."""
+        d = np.asarray(direction, dtype=float).reshape(3, 3)
+        m = np.eye(4)
+        m[:3, :3] = _LPS_RAS @ d @ np.diag(np.asarray(spacing, dtype=float))
+        m[:3, 3] = _LPS_RAS @ np.asarray(origin, dtype=float)
+        return m
+
+    @staticmethod
+    def geometryFromVolume(volumeNode) -> tuple[tuple, tuple, tuple]:
+        """``(spacing, origin, direction)`` of a volume node in ITK/LPS convention (see ARCHITECTURE.md)."""
+        import vtk
+
+        m = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASDirectionMatrix(m)
+        ras_dir = np.array([[m.GetElement(r, c) for c in range(3)] for r in range(3)])
+        lps_dir = _LPS_RAS @ ras_dir
+        origin = _LPS_RAS @ np.asarray(volumeNode.GetOrigin(), dtype=float)
+        return (
+            tuple(float(s) for s in volumeNode.GetSpacing()),
+            tuple(float(o) for o in origin),
+            tuple(float(v) for v in lps_dir.ravel()),
+        )
+
+    @staticmethod
+    def guessModality(volumeNode, array: np.ndarray | None = None) -> str:
+        """Modality for intensity normalisation: a ``DICOM.Modality``/``FPDenoise.Modality`` node attribute
+        when present, else "CT" when the volume holds air-like HU values (< -500), "XR" for a single
+        slice, "OT" otherwise (percentile normalisation, as for MR)."""
+        for attr in ("FPDenoise.Modality", "DICOM.Modality"):
+            value = volumeNode.GetAttribute(attr)
+            if value:
+                return str(value).upper()
+        a = slicer.util.arrayFromVolume(volumeNode) if array is None else array
+        if a.size and float(np.min(a)) < -500.0:
+            return "CT"
+        if a.shape[0] == 1:
+            return "XR"
+        return "OT"
+
+    def imageFromVolume(self, volumeNode, modality: str | None = None):
+        """Copy a scalar volume node into an :class:`FPDenoiseLib.io.Image` (LPS geometry, original units)."""
+        from FPDenoiseLib.io import Image
+
+        self._checkVolume(volumeNode)
+        array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
+        spacing, origin, direction = self.geometryFromVolume(volumeNode)
+        return Image(
+            array=array,
+            spacing=spacing,
+            origin=origin,
+            direction=direction,
+            modality=modality or self.guessModality(volumeNode, array),
+            is_2d=array.shape[0] == 1,
+            source=f"volume node {volumeNode.GetName()!r}",
+        )
+
+    def addVolumeFromImage(self, image, name: str):
+        """Add a scalar volume node holding ``image`` (array + LPS geometry converted to RAS)."""
+        ijkToRas = self.ijkToRasFromGeometry(image.spacing, image.origin, image.direction)
+        node = slicer.util.addVolumeFromArray(np.asarray(image.array), ijkToRAS=ijkToRas, name=name)
+        if getattr(image, "modality", None):
+            node.SetAttribute("FPDenoise.Modality", str(image.modality))
+        return node
+
+    def loadImageAsVolume(self, path: str | os.PathLike, name: str | None = None):
+        """Read any file / DICOM series folder the library reads and add it as a volume node."""
+        from FPDenoiseLib.io import read_image
+
+        image = read_image(path)
+        return self.addVolumeFromImage(image, name or _stem(Path(path)))
+
+    def saveVolume(self, volumeNode, path: str | os.PathLike, *, like=None, description: str = "") -> Path:
+        """Write a volume node with the library's atomic writer (format from the extension)."""
+        from FPDenoiseLib.io import write_image
+
+        return write_image(self.imageFromVolume(volumeNode), path, like=like, description=description)
+
+    def _newVolumeLike(self, referenceNode, array: np.ndarray, name: str, existingNode=None):
+        """A volume node with ``array`` and exactly ``referenceNode``'s geometry (spacing, origin, directions)."""
+        node = existingNode
+        if node is None:
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        node.CopyOrientation(referenceNode)
+        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array))
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
+        parent = referenceNode.GetParentTransformNode()
+        node.SetAndObserveTransformNodeID(parent.GetID() if parent else None)
+        return node
+
+    @staticmethod
+    def _checkVolume(volumeNode) -> None:
+        from FPDenoiseLib.errors import InputError
+
+        if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
+            raise InputError("input: select a scalar volume (CT, X-ray or MR)")
+        if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise InputError(f"{volumeNode.GetName()}: is a label map, not an image")
+        if volumeNode.GetImageData() is None:
+            raise InputError(f"{volumeNode.GetName()}: volume has no image data")
+
+    # ------------------------------------------------------------------ model / device
+    @staticmethod
+    def defaultModelPath() -> Path:
+        from FPDenoiseLib.inference import default_model_path
+
+        return default_model_path()
+
+    @staticmethod
+    def sampleDataPath() -> Path:
+        from FPDenoiseLib.inference import sample_data_path
+
+        return sample_data_path()
+
+    def getDenoiser(self, modelPath: str | os.PathLike | None = None, device: str = "auto", batchSize: int = 8):
+        """A cached :class:`FPDenoiseLib.inference.Denoiser` (loading a checkpoint takes a moment)."""
+        from FPDenoiseLib.inference import Denoiser
+
+        path = str(modelPath) if modelPath else str(self.defaultModelPath())
+        key = (path, device, os.path.getmtime(path) if os.path.exists(path) else 0.0)
+        if key not in self._denoisers:
+            self._denoisers = {key: Denoiser(path, device=device, batch_size=batchSize)}
+        return self._denoisers[key]
+
+    @staticmethod
+    def checkDevice(device: str, volumeNode=None) -> tuple[bool, str]:
+        """Check that ``device`` can run, before any long work: ``(usable, message)``.
+
+        The message explains a missing GPU or a CPU-only torch build (a common trap in Slicer), and
+        hints when the GPU memory looks too small for the chosen volume's slices.
+        """
+        import torch
+
+        from FPDenoiseLib.device import pick_device
+        from FPDenoiseLib.errors import FPDenoiseError
+
+        try:
+            dev = pick_device(device)
+        except FPDenoiseError as err:
+            return False, str(err)
+        if dev.type != "cuda":
+            return True, f"Running on {dev.type.upper()}; a whole volume may take minutes (it runs in the background)."
+        props = torch.cuda.get_device_properties(dev)
+        total_gb = props.total_memory / 1024**3
+        msg = f"Running on GPU {props.name} ({total_gb:.1f} GB)."
+        if volumeNode is not None and volumeNode.GetImageData() is not None:
+            _, h, w = slicer.util.arrayFromVolume(volumeNode).shape
+            # U-Net activations + guided-backprop graph: ~2 kB per pixel per slice in the batch (measured
+            # order of magnitude for base_channels 16-64); warn before an out-of-memory crash.
+            need_gb = h * w * 2048 * 2 / 1024**3
+            if need_gb > 0.8 * total_gb:
+                msg += (
+                    f" Slices of {w}x{h} may need ~{need_gb:.1f} GB: if it runs out of memory, use the CPU"
+                    " or a smaller batch."
+                )
+        return True, msg
+
+    # ------------------------------------------------------------------ denoising
+    def denoise(
+        self,
+        inputVolumeNode,
+        modelPath: str | os.PathLike | None = None,
+        device: str = "auto",
+        computeSaliency: bool = True,
+        progress: ProgressCallback | None = None,
+        *,
+        modality: str | None = None,
+        outputVolumeNode=None,
+        inputSaliencyNode=None,
+        outputSaliencyNode=None,
+        batchSize: int = 8,
+    ) -> dict:
+        """Denoise a volume node in this process.
+
+        Returns ``dict(outputVolumeNode, inputSaliencyNode, outputSaliencyNode, fpScore)``; the output
+        has the input's geometry, dtype and units (HU stays HU) and is named ``"<input> denoised"``;
+        saliency maps (|Guided Backprop| of the restoration net, float32) are ``"<input> saliency"``
+        and ``"<input> denoised saliency"`` with a heat colour map. Existing nodes passed as
+        ``outputVolumeNode``/``...SaliencyNode`` are overwritten instead of adding new ones.
+        ``fpScore`` is the feature-preservation score (Pearson correlation of the two maps) or None.
+        """
+        image = self.imageFromVolume(inputVolumeNode, modality)
+        denoiser = self.getDenoiser(modelPath, device, batchSize)
+        result = denoiser.run(image, saliency=computeSaliency, progress=progress)
+        return self._addResultNodes(
+            inputVolumeNode,
+            result.denoised.array,
+            result.saliency_input.array if result.saliency_input is not None else None,
+            result.saliency_output.array if result.saliency_output is not None else None,
+            result.fp_score,
+            outputVolumeNode=outputVolumeNode,
+            inputSaliencyNode=inputSaliencyNode,
+            outputSaliencyNode=outputSaliencyNode,
+            modelName=getattr(denoiser, "name", ""),
+        )
+
+    def _addResultNodes(
+        self,
+        inputVolumeNode,
+        denoised: np.ndarray,
+        salIn: np.ndarray | None,
+        salOut: np.ndarray | None,
+        fpScore: float | None,
+        *,
+        outputVolumeNode=None,
+        inputSaliencyNode=None,
+        outputSaliencyNode=None,
+        modelName: str = "",
+    ) -> dict:
+        name = inputVolumeNode.GetName()
+        out = self._newVolumeLike(inputVolumeNode, denoised, f"{name} denoised", outputVolumeNode)
+        # Same window/level as the input so the two views compare like for like.
+        inDisplay, outDisplay = inputVolumeNode.GetDisplayNode(), out.GetDisplayNode()
+        if inDisplay is not None and outDisplay is not None:
+            outDisplay.SetAutoWindowLevel(False)
+            outDisplay.SetWindowLevel(inDisplay.GetWindow(), inDisplay.GetLevel())
+        out.SetAttribute("FPDenoise.SourceVolumeID", inputVolumeNode.GetID())
+        out.SetAttribute("FPDenoise.Model", str(modelName))
+        modality = inputVolumeNode.GetAttribute("FPDenoise.Modality")
+        if modality:
+            out.SetAttribute("FPDenoise.Modality", modality)
+        result = {"outputVolumeNode": out, "inputSaliencyNode": None, "outputSaliencyNode": None, "fpScore": None}
+        if salIn is not None and salOut is not None:
+            sIn = self._newVolumeLike(inputVolumeNode, salIn.astype(np.float32), f"{name} saliency", inputSaliencyNode)
+            sOut = self._newVolumeLike(
+                inputVolumeNode, salOut.astype(np.float32), f"{name} denoised saliency", outputSaliencyNode
+            )
+            # One display range for both maps, so equal colour means equal saliency left and right.
+            hi = _robustMax(salIn, salOut)
+            for node in (sIn, sOut):
+                self.setSaliencyDisplay(node, window=(0.0, hi))
+            result.update(inputSaliencyNode=sIn, outputSaliencyNode=sOut)
+            if fpScore is not None:
+                result["fpScore"] = float(fpScore)
+                out.SetAttribute("FPDenoise.FeaturePreservation", f"{float(fpScore):.6f}")
+        return result
+
+    # ------------------------------------------------------------------ display
+    def heatColorNodeID(self) -> str:
+        """ID of a heat colour node in the scene: Inferno, PET-Heat or Iron (first found); in a bare scene
+        (no default colour nodes) a PET-Heat procedural colour node is added."""
+        scene = self._scene()
+        for nodeID in HEAT_COLOR_NODE_IDS:
+            if scene.GetNodeByID(nodeID) is not None:
+                return nodeID
+        node = slicer.vtkMRMLPETProceduralColorNode()
+        node.SetTypeToHeat()
+        node.SetName("PET-Heat")
+        node.SetSingletonTag("PET-Heat")
+        node.SetHideFromEditors(False)
+        added = scene.AddNode(node)
+        return added.GetID()
+
+    def setSaliencyDisplay(
+        self,
+        saliencyNode,
+        colorNodeID: str | None = None,
+        window: tuple[float, float] | None = None,
+        thresholdFraction: float = 0.1,
+    ) -> None:
+        """Show a saliency volume as a heat overlay: low saliency dark and, as a foreground layer,
+        transparent (voxels below ``thresholdFraction`` of the window are not drawn).
+
+        ``window`` = (min, max) display range in saliency units; default 0 .. 99.5th percentile.
+        """
+        if saliencyNode.GetDisplayNode() is None:
+            saliencyNode.CreateDefaultDisplayNodes()
+        display = saliencyNode.GetDisplayNode()
+        if window is None:
+            window = (0.0, _robustMax(slicer.util.arrayFromVolume(saliencyNode)))
+        lo, hi = float(window[0]), float(window[1])
+        display.SetAndObserveColorNodeID(colorNodeID or self.heatColorNodeID())
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(lo, hi)
+        display.SetAutoThreshold(False)
+        display.SetLowerThreshold(lo + thresholdFraction * (hi - lo))
+        display.SetUpperThreshold(float(np.finfo(np.float32).max))
+        display.SetApplyThreshold(True)
+        display.SetInterpolate(False)
+
+    def layoutNode(self):
+        """The scene's layout node (the one Slicer's layout manager observes); added in a bare scene."""
+        scene = self._scene()
+        node = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+        if node is None:
+            node = slicer.vtkMRMLLayoutNode()
+            node.SetSingletonTag("vtkMRMLLayoutNode")
+            node = scene.AddNode(node)
+        return node
+
+    def sliceNode(self, layoutName: str):
+        """The slice node of view ``layoutName`` ("Red", "Yellow"...); added if the scene lacks it."""
+        scene = self._scene()
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+            node = scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
+            if node.GetLayoutName() == layoutName:
+                return node
+        node = slicer.vtkMRMLSliceNode()
+        node.SetName(layoutName)
+        node.SetLayoutName(layoutName)
+        node.SetSingletonTag(layoutName)
+        return scene.AddNode(node)
+
+    def sliceCompositeNode(self, layoutName: str):
+        """The slice composite node (layers of a view) of ``layoutName``; added if missing."""
+        scene = self._scene()
+        sliceNode = self.sliceNode(layoutName)
+        node = slicer.vtkMRMLSliceLogic.GetSliceCompositeNode(sliceNode)
+        if node is None:
+            node = slicer.vtkMRMLSliceCompositeNode()
+            node.SetLayoutName(layoutName)
+            node.SetSingletonTag(layoutName)
+            node = scene.AddNode(node)
+        return node
+
+    def showSideBySide(self, inputNode, inputSaliencyNode, outputNode, outputSaliencyNode, opacity: float = 0.5) -> dict:
+        """Side-by-side layout of two linked slice views: left (Red) the input with its saliency overlay,
+        right (Yellow) the denoised volume with its overlay, both aligned to the volume's planes.
+
+        Returns ``{"Red": compositeNode, "Yellow": compositeNode}``.
+        """
+        layout = self.layoutNode()
+        arrangement = slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+        if not layout.IsLayoutDescription(arrangement):
+            layout.AddLayoutDescription(arrangement, _SIDE_BY_SIDE_XML)
+        layout.SetViewArrangement(arrangement)
+        views = {}
+        for viewName, background, foreground in (
+            (LEFT_VIEW, inputNode, inputSaliencyNode),
+            (RIGHT_VIEW, outputNode, outputSaliencyNode),
+        ):
+            comp = self.sliceCompositeNode(viewName)
+            comp.SetBackgroundVolumeID(background.GetID() if background else None)
+            comp.SetForegroundVolumeID(foreground.GetID() if foreground else None)
+            comp.SetForegroundOpacity(float(opacity))
+            comp.SetLinkedControl(True)
+            views[viewName] = comp
+        # Same orientation in both views (Yellow is sagittal by default in Slicer's 4-up layout).
+        left, right = self.sliceNode(LEFT_VIEW), self.sliceNode(RIGHT_VIEW)
+        if inputNode is not None:
+            if left.HasSliceOrientationPreset("Axial"):
+                left.SetOrientation("Axial")
+            left.RotateToVolumePlane(inputNode)
+            right.GetSliceToRAS().DeepCopy(left.GetSliceToRAS())
+            right.SetFieldOfView(*left.GetFieldOfView())
+            right.UpdateMatrices()
+        self._fitSliceViews()
+        return views
+
+    def setOverlayOpacity(self, opacity: float) -> None:
+        """Foreground (saliency) opacity of both side-by-side views, 0..1."""
+        for viewName in (LEFT_VIEW, RIGHT_VIEW):
+            self.sliceCompositeNode(viewName).SetForegroundOpacity(float(opacity))
+
+    @staticmethod
+    def _fitSliceViews() -> None:
+        # Only the Slicer application has a layout manager (no Qt import: just an attribute check).
+        app = getattr(slicer, "app", None)
+        if app is not None and hasattr(app, "layoutManager") and app.layoutManager() is not None:
+            slicer.util.resetSliceViews()
+
+    # ------------------------------------------------------------------ simulation and metrics
+    def simulateNoise(
+        self,
+        volumeNode,
+        noiseName: str,
+        level: float = 0.5,
+        seed: int | None = 0,
+        *,
+        modality: str | None = None,
+    ):
+        """Add one of the 13 noise types (``FPDenoiseLib.noise.NOISE_NAMES``) at ``level`` in [0, 1].
+
+        Noise is applied in the library's normalised range (CT: fixed HU window) and mapped back, so the
+        new volume ``"<input> <noise> <level>"`` is in the input's units and dtype; it remembers the
+        clean volume (attribute ``FPDenoise.GroundTruthID``) for PSNR/SSIM.
+        """
+        from FPDenoiseLib.errors import InputError
+        from FPDenoiseLib.intensity import Normalizer
+        from FPDenoiseLib.noise import NOISE_NAMES, add_noise
+
+        if noiseName not in NOISE_NAMES:
+            raise InputError(f"noise {noiseName!r}: unknown; choose one of {', '.join(NOISE_NAMES)}")
+        image = self.imageFromVolume(volumeNode, modality)
+        norm = Normalizer.for_array(image.array, modality=image.modality)
+        noisy = norm.inverse(add_noise(norm.forward(image.array), noiseName, level=float(level), seed=seed))
+        noisy = _castLike(noisy, image.array.dtype)
+        node = self._newVolumeLike(volumeNode, noisy, f"{volumeNode.GetName()} {noiseName} {float(level):.2f}")
+        node.SetAttribute("FPDenoise.GroundTruthID", volumeNode.GetID())
+        node.SetAttribute("FPDenoise.Modality", image.modality)
+        display, srcDisplay = node.GetDisplayNode(), volumeNode.GetDisplayNode()
+        if display is not None and srcDisplay is not None:
+            display.SetAutoWindowLevel(False)
+            display.SetWindowLevel(srcDisplay.GetWindow(), srcDisplay.GetLevel())
+        return node
+
+    def groundTruthFor(self, volumeNode):
+        """The clean volume a simulated-noise volume (or its denoised result) was made from, or None."""
+        scene = self._scene()
+        node = volumeNode
+        for _ in range(4):  # denoised -> noisy -> clean
+            if node is None:
+                return None
+            gt = node.GetAttribute("FPDenoise.GroundTruthID")
+            if gt:
+                return scene.GetNodeByID(gt)
+            src = node.GetAttribute("FPDenoise.SourceVolumeID")
+            node = scene.GetNodeByID(src) if src else None
+        return None
+
+    def computeMetrics(self, referenceNode, testNode, *, modality: str | None = None) -> dict:
+        """PSNR (dB) and SSIM of ``testNode`` against the clean ``referenceNode``.
+
+        Both are computed in the library's normalised range of the reference (CT: the fixed HU window
+        -1024..3071 -> 0..1; others: the reference's 0.5-99.5 percentiles), with ``data_range=1``.
+        """
+        from FPDenoiseLib.errors import InputError
+        from FPDenoiseLib.intensity import Normalizer
+        from FPDenoiseLib.metrics import psnr, ssim
+
+        ref = self.imageFromVolume(referenceNode, modality)
+        test = np.asarray(slicer.util.arrayFromVolume(testNode))
+        if test.shape != ref.array.shape:
+            raise InputError(
+                f"{testNode.GetName()}: shape {test.shape} differs from reference {referenceNode.GetName()} "
+                f"{ref.array.shape}"
+            )
+        norm = Normalizer.for_array(ref.array, modality=ref.modality)
+        r, t = norm.forward(ref.array), norm.forward(test)
+        return {"psnr": psnr(r, t, data_range=1.0), "ssim": ssim(r, t, data_range=1.0)}
+
+    # ------------------------------------------------------------------ background processes
+    @staticmethod
+    def moduleDir() -> Path:
+        """Folder holding ``FPDenoise.py`` and the ``FPDenoiseSlicerLib`` package."""
+        return Path(__file__).resolve().parents[1]
+
+    def backgroundEnvironment(self) -> dict[str, str]:
+        """Environment additions for the background process: ``PYTHONPATH`` finding both packages."""
+        import FPDenoiseLib
+
+        paths = [str(Path(FPDenoiseLib.__file__).resolve().parents[1]), str(self.moduleDir())]
+        old = os.environ.get("PYTHONPATH")
+        return {"PYTHONPATH": os.pathsep.join(paths + ([old] if old else [])), "PYTHONUNBUFFERED": "1"}
+
+    def exportVolumesForTraining(self, volumeNodes: Sequence, folder: str | os.PathLike) -> list[Path]:
+        """Write clean training volumes as NRRD files into ``folder`` (the library's data loader reads it)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, node in enumerate(volumeNodes):
+            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in node.GetName()) or "volume"
+            paths.append(self.saveVolume(node, folder / f"{i:03d}_{safe}.nrrd"))
+        return paths
+
+    def trainingCommand(
+        self,
+        dataDir: str | os.PathLike,
+        outputPath: str | os.PathLike,
+        *,
+        stage: str = "denoiser",
+        noises: Sequence[str] = ("mix",),
+        steps: int = 500,
+        device: str = "auto",
+        loss: str = "fp",
+        initModelPath: str | os.PathLike | None = None,
+        resume: bool = False,
+        python: str | None = None,
+    ) -> list[str]:
+        """Argument list of the background training process (``python -m FPDenoiseLib.cli train ...``).
+
+        ``stage`` "both" trains the restoration net then the denoiser; "denoiser" trains only stage 2,
+        starting from ``initModelPath`` (default: the shipped model, whose restoration net is kept).
+        """
+        from .process import python_executable
+
+        if stage not in ("both", "denoiser", "restoration"):
+            raise ValueError(f"stage {stage!r}: use both, denoiser or restoration")
+        cmd = [python or python_executable(), "-m", "FPDenoiseLib.cli", "train"]
+        cmd += ["--data", str(dataDir), "--out", str(outputPath), "--stage", stage, "--loss", loss]
+        cmd += ["--noise", *[str(n) for n in noises]]
+        cmd += ["--steps", str(int(steps)), "--device", device, "--progress-lines"]
+        if stage == "denoiser":
+            cmd += ["--init", str(initModelPath or self.defaultModelPath())]
+        if resume:
+            cmd += ["--resume"]
+        return cmd
+
+    def denoiseCommand(
+        self,
+        inputPath: str | os.PathLike,
+        outputDir: str | os.PathLike,
+        *,
+        modelPath: str | os.PathLike | None = None,
+        device: str = "auto",
+        computeSaliency: bool = True,
+        modality: str | None = None,
+        python: str | None = None,
+    ) -> list[str]:
+        """Argument list of a background whole-volume denoise (:mod:`FPDenoiseSlicerLib.worker`)."""
+        from .process import python_executable
+
+        cmd = [python or python_executable(), "-m", "FPDenoiseSlicerLib.worker", "--input", str(inputPath)]
+        cmd += ["--output-dir", str(outputDir), "--device", device]
+        if modelPath:
+            cmd += ["--model", str(modelPath)]
+        if modality:
+            cmd += ["--modality", modality]
+        if not computeSaliency:
+            cmd += ["--no-saliency"]
+        return cmd
+
+    def prepareBackgroundDenoise(self, inputVolumeNode, workDir: str | os.PathLike | None = None, **kwargs) -> tuple[list[str], Path]:
+        """Export the input to a temporary NRRD and return ``(command, workDir)`` for a background denoise."""
+        work = Path(workDir) if workDir else Path(tempfile.mkdtemp(prefix="FPDenoise-"))
+        inPath = self.saveVolume(inputVolumeNode, work / "input.nrrd")
+        modality = kwargs.pop("modality", None) or self.guessModality(inputVolumeNode)
+        return self.denoiseCommand(inPath, work, modality=modality, **kwargs), work
+
+    def loadBackgroundDenoiseResults(self, inputVolumeNode, workDir: str | os.PathLike, **nodes) -> dict:
+        """Turn the worker's files in ``workDir`` into result nodes (same return value as :meth:`denoise`)."""
+        from FPDenoiseLib.io import read_image
+
+        work = Path(workDir)
+        info = json.loads((work / "result.json").read_text())
+        denoised = read_image(work / info["denoised"]).array
+        salIn = read_image(work / info["saliency_input"]).array if info.get("saliency_input") else None
+        salOut = read_image(work / info["saliency_output"]).array if info.get("saliency_output") else None
+        return self._addResultNodes(
+            inputVolumeNode, denoised, salIn, salOut, info.get("fp_score"), modelName=info.get("model", ""), **nodes
+        )
+
+    # ------------------------------------------------------------------ batch
+    def batchDenoiseFolder(
+        self,
+        inputDir: str | os.PathLike,
+        outputDir: str | os.PathLike,
+        modelPath: str | os.PathLike | None = None,
+        *,
+        device: str = "auto",
+        computeSaliency: bool = True,
+        clearScene: bool = True,
+        log_: Callable[[str], None] | None = print,
+    ) -> list[dict]:
+        """Denoise every image / DICOM series under ``inputDir``; write ``<name>_denoised.nrrd`` and, with
+        saliency, ``<name>_saliency.nrrd`` and ``<name>_denoised_saliency.nrrd`` into ``outputDir``.
+
+        Each input goes through the same MRML path as in the module (load as a volume node, denoise,
+        save the nodes). Returns one dict per input: ``input``, ``outputs`` (paths), ``fpScore``.
+        """
+        from FPDenoiseLib.errors import InputError
+        from FPDenoiseLib.io import find_images
+
+        inputDir, outputDir = Path(inputDir), Path(outputDir)
+        if not inputDir.is_dir():
+            raise InputError(f"{inputDir}: input folder not found")
+        inputs = find_images(inputDir)
+        if not inputs:
+            raise InputError(f"{inputDir}: no readable images or DICOM series found")
+        outputDir.mkdir(parents=True, exist_ok=True)
+        results = []
+        for n, path in enumerate(inputs, 1):
+            node = self.loadImageAsVolume(path)
+            res = self.denoise(node, modelPath, device=device, computeSaliency=computeSaliency)
+            rel = path.relative_to(inputDir) if path != inputDir else Path(path.name)
+            base = "_".join(rel.with_name(_stem(rel)).parts) or "image"
+            written = [self.saveVolume(res["outputVolumeNode"], outputDir / f"{base}_denoised.nrrd")]
+            if res["inputSaliencyNode"] is not None:
+                written.append(self.saveVolume(res["inputSaliencyNode"], outputDir / f"{base}_saliency.nrrd"))
+                written.append(
+                    self.saveVolume(res["outputSaliencyNode"], outputDir / f"{base}_denoised_saliency.nrrd")
+                )
+            fp = res["fpScore"]
+            if log_:
+                log_(f"[{n}/{len(inputs)}] {path} -> {written[0]}" + (f" (FP score {fp:.3f})" if fp is not None else ""))
+            results.append({"input": path, "outputs": written, "fpScore": fp})
+            if clearScene:
+                for key in ("outputVolumeNode", "inputSaliencyNode", "outputSaliencyNode"):
+                    if res[key] is not None:
+                        slicer.mrmlScene.RemoveNode(res[key])
+                slicer.mrmlScene.RemoveNode(node)
+        return results
+
+
+def _robustMax(*arrays: np.ndarray) -> float:
+    """99.5th percentile of the values (display maximum robust to a few hot voxels); 1.0 if all zero."""
+    flat = np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays])
+    if flat.size > 2_000_000:
+        flat = flat[:: flat.size // 2_000_000]
+    hi = float(np.percentile(flat, 99.5)) if flat.size else 0.0
+    if not hi > 0.0:
+        hi = float(flat.max(initial=0.0)) or 1.0
+    return hi
+
+
+def _castLike(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return np.asarray(values).astype(dtype, copy=False)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".dcm", ".png", ".tif", ".tiff"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
