@@ -1,0 +1,105 @@
+"""Real DICOM files for the IO tests, written with pydicom (no mocks)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+
+def rotation(ax: float = 0.3, ay: float = -0.2, az: float = 0.5) -> np.ndarray:
+    """A proper rotation matrix (columns = row, column and slice-normal directions)."""
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def ct_dataset(stored: np.ndarray, *, ipp, iop, pixel_spacing=(0.7, 0.9), thickness=2.5, intercept=-1024.0,
+               slope=1.0, series_uid=None, study_uid=None, instance=1, modality="CT", signed=False,
+               sop_class=CTImageStorage, frame_uid=None) -> Dataset:
+    """One classic CT slice (uncompressed, explicit VR LE) with the given stored values."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.PatientName = "Test^Phantom"
+    ds.PatientID = "PID123"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.FrameOfReferenceUID = frame_uid or generate_uid()
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20240101", "120000", "S1", "ACC1"
+    ds.Modality = modality
+    ds.SeriesNumber = 3
+    ds.SeriesDescription = "Abdomen 2.5mm"
+    ds.InstanceNumber = instance
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
+    ds.ImageOrientationPatient = [f"{v:.8f}" for v in iop]
+    ds.PixelSpacing = [str(pixel_spacing[0]), str(pixel_spacing[1])]
+    ds.SliceThickness = str(thickness)
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.RescaleIntercept = str(intercept)
+    ds.RescaleSlope = str(slope)
+    ds.RescaleType = "HU"
+    ds.WindowCenter, ds.WindowWidth = "40", "400"
+    ds.PixelData = stored.astype(np.int16 if signed else np.uint16).tobytes()
+    return ds
+
+
+def write_ct_series(folder: Path, *, nz=5, ny=32, nx=32, spacing=(0.9, 0.7, 2.5), origin=(-12.5, 30.0, 101.25),
+                    rot=None, intercept=-1024.0, seed=0, series_uid=None, study_uid=None, names="reverse",
+                    gap_at: int | None = None, prefix="IM") -> tuple[np.ndarray, dict]:
+    """Write a CT series (one file per slice) and return (expected HU (z, y, x) int16, geometry).
+
+    Files are named in reverse slice order and InstanceNumbers scrambled, so sorting must use
+    ImagePositionPatient. ``gap_at`` shifts every slice from that index on by an extra spacing.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rot = rotation() if rot is None else rot
+    rng = np.random.default_rng(seed)
+    stored = rng.integers(0, 2500, size=(nz, ny, nx)).astype(np.uint16)
+    stored[:, :4, :4] = 0  # air at -1024 HU
+    r, c, n = rot[:, 0], rot[:, 1], rot[:, 2]
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    frame_uid = generate_uid()
+    order = list(range(nz))[::-1] if names == "reverse" else list(range(nz))
+    for fi, k in enumerate(order):
+        kk = k + (1 if gap_at is not None and k >= gap_at else 0)
+        ipp = np.asarray(origin) + kk * spacing[2] * n
+        ds = ct_dataset(stored[k], ipp=ipp, iop=(*r, *c), pixel_spacing=(spacing[1], spacing[0]),
+                        thickness=spacing[2], intercept=intercept, series_uid=series_uid, study_uid=study_uid,
+                        instance=(7 * k) % nz + 1, frame_uid=frame_uid)
+        ds.save_as(folder / f"{prefix}{fi:04d}.dcm", enforce_file_format=True)
+    hu = (stored.astype(np.int32) + int(intercept)).astype(np.int16)
+    geom = {"spacing": spacing, "origin": tuple(origin), "direction": tuple(rot.reshape(-1)),
+            "series_uid": series_uid, "study_uid": study_uid}
+    return hu, geom
+
+
+def tree_hash(path: Path) -> dict[str, str]:
+    """sha256 of every file below ``path`` (or of the file itself), keyed by relative path."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def read_dicom_dir(folder: Path) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(p) for p in sorted(Path(folder).iterdir())]
