@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -372,22 +373,44 @@ def test_disk_full_leaves_nothing(tmp_path, name):
     assert list(out_dir.iterdir()) == []
 
 
+_PERM_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    from FPDenoiseLib.errors import OutputError
+    from FPDenoiseLib.io import Image, write_image
+    names = ("x.nrrd", "dcm", "x.png", "x.mhd")
+    img = Image(np.zeros((1, 8, 8), np.uint8), is_2d=True)
+    if os.geteuid() == 0:  # root ignores directory modes: warm up lazy imports, then drop to 'nobody'
+        for name in names:
+            write_image(img, os.path.join(sys.argv[2], name))
+        os.setgid(65534)
+        os.setuid(65534)
+    for name in names:
+        try:
+            write_image(img, os.path.join(sys.argv[1], name))
+            print("WROTE", name)
+        except OutputError as e:
+            print("OUTPUTERROR", e)
+    """)
+
+
 def test_no_permission(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
     img = Image(np.zeros((2, 8, 8), np.int16))
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(OutputError, match="cannot write"):
         write_image(img, blocker / "sub" / "x.nrrd")  # parent is a file
-    if os.geteuid() == 0:
-        pytest.skip("running as root: directory permissions are not enforced")
-    ro.chmod(0o500)
+    # a read-only folder; pytest's tmp root is 0700 (unreachable for 'nobody'), so use a world-readable one
+    base = Path(tempfile.mkdtemp(prefix="fpd-perm-"))
     try:
-        with pytest.raises(OutputError, match="permission denied"):
-            write_image(img, ro / "x.nrrd")
-        with pytest.raises(OutputError, match="permission denied"):
-            write_image(img, ro / "dcm")
+        base.chmod(0o755)
+        ro = base / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        r = subprocess.run([sys.executable, "-c", _PERM_SCRIPT, str(ro), str(tmp_path)], capture_output=True, text=True, timeout=120)
+        lines = r.stdout.splitlines()
+        assert len(lines) == 4 and all("permission denied" in ln for ln in lines), r.stdout + r.stderr
+        assert list(ro.iterdir()) == []
     finally:
-        ro.chmod(0o700)
-    assert list(ro.iterdir()) == []
+        (base / "ro").chmod(0o755)
+        shutil.rmtree(base)
