@@ -319,3 +319,12 @@ def test_xray_phantom_and_volume() -> None:
     assert vol.shape == (3, 64, 64)
     assert not np.array_equal(vol[0], vol[1])
     assert np.corrcoef(vol[0].ravel(), vol[1].ravel())[0, 1] > 0.9  # coherent neighbours
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    import FPDenoiseLib.data as mod
+
+    res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert res.attempted > 5 and res.failed == 0
