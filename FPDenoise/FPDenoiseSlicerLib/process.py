@@ -138,20 +138,19 @@ def kill_process_tree(pid: int, *, timeout: float = 5.0) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        # Reap our own zombie children so they do not count as alive.
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    except OSError:
-        pass
+    """True while ``pid`` runs. A zombie (dead, not yet reaped) counts as dead; we never reap here, so
+    ``Popen.wait`` still gets the real exit status of our own child."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/status") as fh:  # Linux; elsewhere zombies wait for the SIGKILL pass
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in fh)
+    except OSError:
+        return True
 
 
 class BackgroundJob:

@@ -1,0 +1,428 @@
+"""Headless tests of the FPDenoise Slicer Logic on a real MRML scene (``pip install slicer-core``).
+
+The Logic (FPDenoise/FPDenoiseSlicerLib/logic.py) is driven exactly as the module, the batch script
+and the browser viewer drive it: real ``vtkMRMLScene``, real volume/display/colour/slice-composite
+/layout nodes, real FPDenoiseLib inference, real files and real background processes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core not installed (pip install 'fpdenoise[test]')")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "FPDenoise"))
+
+import SimpleITK as sitk  # noqa: E402
+from FPDenoiseSlicerLib import process  # noqa: E402
+from FPDenoiseSlicerLib.logic import HEAT_COLOR_NODE_IDS, FPDenoiseMRMLLogic  # noqa: E402
+
+from FPDenoiseLib.errors import FPDenoiseError, InputError  # noqa: E402
+
+SPACING = (0.7, 0.8, 2.5)  # mm, anisotropic
+ORIGIN_RAS = (-12.5, 30.25, 100.0)
+
+
+def _ijk_to_ras() -> np.ndarray:
+    """Oblique (30 deg about S) and j-flipped directions, anisotropic spacing, an origin."""
+    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ np.diag([1.0, -1.0, 1.0])
+    m = np.eye(4)
+    m[:3, :3] = rot @ np.diag(SPACING)
+    m[:3, 3] = ORIGIN_RAS
+    return m
+
+
+def _ct_phantom(seed: int = 0, shape=(3, 40, 48)) -> np.ndarray:
+    """int16 HU: air, soft-tissue ellipse (40 HU), a bone disc (1000 HU), 20 HU noise."""
+    _, y, x = np.mgrid[0 : shape[0], 0 : shape[1], 0 : shape[2]]
+    hu = np.full(shape, -1000.0)
+    hu[((y - 20) / 15) ** 2 + ((x - 24) / 20) ** 2 < 1] = 40.0
+    hu[((y - 20) / 5) ** 2 + ((x - 30) / 5) ** 2 < 1] = 1000.0
+    hu += np.random.default_rng(seed).normal(0, 20, shape)
+    return np.rint(hu).astype(np.int16)
+
+
+def _matrix(node) -> np.ndarray:
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The shipped default model when present, else a tiny real checkpoint made with the library."""
+    from FPDenoiseLib.inference import default_model_path
+
+    if default_model_path().is_file():
+        return default_model_path()
+    import torch
+
+    from FPDenoiseLib.checkpoint import save_checkpoint
+    from FPDenoiseLib.intensity import DEFAULT_POLICY
+    from FPDenoiseLib.models import UNet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    models = {
+        "denoiser": UNet(base_channels=4, depth=2, residual=True),
+        "restoration": UNet(base_channels=4, depth=2, residual=False),
+    }
+    return save_checkpoint(path, models, normalization=DEFAULT_POLICY, training={"name": "tiny-test"})
+
+
+@pytest.fixture()
+def logic():
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    return FPDenoiseMRMLLogic()
+
+
+@pytest.fixture()
+def ct(logic):
+    return slicer.util.addVolumeFromArray(_ct_phantom(), ijkToRAS=_ijk_to_ras(), name="chest CT")
+
+
+# ----------------------------------------------------------------------------- denoise
+def test_denoise_keeps_geometry_units_and_names(logic, ct, checkpoint):
+    before = slicer.util.arrayFromVolume(ct).copy()
+    calls = []
+    res = logic.denoise(ct, checkpoint, device="cpu", progress=lambda d, t: calls.append((d, t)))
+    out, sIn, sOut = res["outputVolumeNode"], res["inputSaliencyNode"], res["outputSaliencyNode"]
+
+    assert out.GetName() == "chest CT denoised"
+    assert sIn.GetName() == "chest CT saliency"
+    assert sOut.GetName() == "chest CT denoised saliency"
+    for node in (out, sIn, sOut):
+        np.testing.assert_allclose(_matrix(node), _ijk_to_ras(), atol=1e-9)
+        np.testing.assert_allclose(node.GetSpacing(), SPACING, atol=1e-12)
+        np.testing.assert_allclose(node.GetOrigin(), ORIGIN_RAS, atol=1e-12)
+        assert slicer.util.arrayFromVolume(node).shape == before.shape
+
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct), before)  # input untouched
+    den = slicer.util.arrayFromVolume(out)
+    assert den.dtype == np.int16  # HU stays HU, same pixel type
+    # Values in HU, not the normalised range: air stays near -1000, bone near +1000.
+    air = before < -900
+    bone = before > 900
+    assert abs(float(den[air].mean()) + 1000) < 150, den[air].mean()
+    assert abs(float(den[bone].mean()) - 1000) < 250, den[bone].mean()
+    assert calls and calls[-1][0] == calls[-1][1] == before.shape[0]
+
+    for node in (sIn, sOut):
+        sal = slicer.util.arrayFromVolume(node)
+        assert sal.dtype == np.float32 and np.isfinite(sal).all() and sal.min() >= 0 and sal.max() > 0
+        display = node.GetDisplayNode()
+        assert display.GetColorNodeID() in HEAT_COLOR_NODE_IDS
+        assert display.GetApplyThreshold() and display.GetLowerThreshold() > display.GetWindowLevelMin()
+        assert not display.GetAutoWindowLevel()
+    # One display range for both maps, so equal colours mean equal saliency.
+    assert sIn.GetDisplayNode().GetWindowLevelMax() == pytest.approx(sOut.GetDisplayNode().GetWindowLevelMax())
+    assert -1.0 <= res["fpScore"] <= 1.0
+    assert out.GetAttribute("FPDenoise.SourceVolumeID") == ct.GetID()
+
+
+def test_denoise_without_saliency_and_bad_input(logic, ct, checkpoint):
+    res = logic.denoise(ct, checkpoint, device="cpu", computeSaliency=False)
+    assert res["inputSaliencyNode"] is None and res["fpScore"] is None
+    label = slicer.util.addVolumeFromArray(np.zeros((2, 8, 8), np.uint8), nodeClassName="vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(InputError, match="label map|scalar volume"):
+        logic.denoise(label, checkpoint, device="cpu")
+
+
+def test_geometry_matches_simpleitk_lps(logic, ct, tmp_path):
+    """The RAS<->LPS conversion agrees with an independent reader: voxel (i,j,k) lands on the same point."""
+    path = logic.saveVolume(ct, tmp_path / "ct.nrrd")
+    img = sitk.ReadImage(str(path))
+    np.testing.assert_allclose(img.GetSpacing(), SPACING, atol=1e-9)
+    m = _ijk_to_ras()
+    for ijk in [(0, 0, 0), (47, 0, 2), (5, 39, 1)]:
+        ras = m @ np.array([*ijk, 1.0])
+        lps = img.TransformIndexToPhysicalPoint([int(v) for v in ijk])
+        np.testing.assert_allclose(lps, [-ras[0], -ras[1], ras[2]], atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img), slicer.util.arrayFromVolume(ct))
+    # And back: a file read by the library becomes a node with the original IJK-to-RAS.
+    back = logic.loadImageAsVolume(path)
+    np.testing.assert_allclose(_matrix(back), m, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- display
+def test_side_by_side_layout_overlays_and_opacity(logic, ct, checkpoint):
+    res = logic.denoise(ct, checkpoint, device="cpu")
+    views = logic.showSideBySide(ct, res["inputSaliencyNode"], res["outputVolumeNode"], res["outputSaliencyNode"], 0.4)
+
+    layout = logic.layoutNode()
+    assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    assert layout.IsLayoutDescription(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+    red, yellow = logic.sliceCompositeNode("Red"), logic.sliceCompositeNode("Yellow")
+    assert views == {"Red": red, "Yellow": yellow}
+    assert red.GetBackgroundVolumeID() == ct.GetID()
+    assert red.GetForegroundVolumeID() == res["inputSaliencyNode"].GetID()
+    assert yellow.GetBackgroundVolumeID() == res["outputVolumeNode"].GetID()
+    assert yellow.GetForegroundVolumeID() == res["outputSaliencyNode"].GetID()
+    for comp in (red, yellow):
+        assert comp.GetForegroundOpacity() == pytest.approx(0.4)
+        assert comp.GetLinkedControl()
+    # Both views show the same plane, aligned to the oblique volume.
+    r = slicer.util.arrayFromVTKMatrix(logic.sliceNode("Red").GetSliceToRAS())
+    y = slicer.util.arrayFromVTKMatrix(logic.sliceNode("Yellow").GetSliceToRAS())
+    np.testing.assert_allclose(r, y)
+    assert not np.allclose(r[:3, :3], np.eye(3))  # rotated to the volume plane
+
+    logic.setOverlayOpacity(0.8)
+    assert red.GetForegroundOpacity() == pytest.approx(0.8) == yellow.GetForegroundOpacity()
+    # Calling again reuses the scene's nodes instead of adding duplicates.
+    n = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")
+    logic.showSideBySide(ct, res["inputSaliencyNode"], res["outputVolumeNode"], res["outputSaliencyNode"])
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode") == n == 2
+
+
+def test_heat_colour_node_bare_scene_and_slicer_defaults(logic):
+    nodeID = logic.heatColorNodeID()  # bare scene: a PET-Heat node is added once
+    node = slicer.mrmlScene.GetNodeByID(nodeID)
+    assert node.IsA("vtkMRMLPETProceduralColorNode") and nodeID in HEAT_COLOR_NODE_IDS
+    assert logic.heatColorNodeID() == nodeID
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLPETProceduralColorNode") == 1
+    # Heat map: dark at the low end, bright at the high end.
+    ctf = node.GetScalarsToColors()
+    lo, hi = ctf.GetRange()
+    dark, bright = [0.0] * 3, [0.0] * 3
+    ctf.GetColor(lo, dark)
+    ctf.GetColor(hi, bright)
+    assert sum(dark) < 0.3 and sum(bright) > 2.0, (dark, bright)
+
+    # A scene with Slicer's default colour nodes (as in the application): the shipped node is used.
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    colorLogic = slicer.vtkMRMLColorLogic()
+    colorLogic.SetMRMLScene(slicer.mrmlScene)
+    assert logic.heatColorNodeID() == "vtkMRMLPETProceduralColorNodePET-Heat"
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLPETProceduralColorNode") == 6  # none added
+
+
+# ----------------------------------------------------------------------------- simulate + metrics
+def test_simulate_noise_and_metrics(logic, ct):
+    clean = slicer.util.arrayFromVolume(ct).copy()
+    mild = logic.simulateNoise(ct, "gaussian", 0.2, seed=1)
+    strong = logic.simulateNoise(ct, "gaussian", 0.9, seed=1)
+    again = logic.simulateNoise(ct, "gaussian", 0.2, seed=1)
+    assert mild.GetName() == "chest CT gaussian 0.20"
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(mild), slicer.util.arrayFromVolume(again))
+    np.testing.assert_allclose(_matrix(mild), _ijk_to_ras(), atol=1e-9)
+    assert slicer.util.arrayFromVolume(mild).dtype == np.int16
+    assert not np.array_equal(slicer.util.arrayFromVolume(mild), clean)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct), clean)
+    assert logic.groundTruthFor(mild) is ct
+
+    m_mild, m_strong = logic.computeMetrics(ct, mild), logic.computeMetrics(ct, strong)
+    assert 10 < m_strong["psnr"] < m_mild["psnr"] < 80
+    assert m_strong["ssim"] < m_mild["ssim"] < 1.0
+    with pytest.raises(InputError, match="unknown"):
+        logic.simulateNoise(ct, "not-a-noise", 0.5)
+
+    # Every one of the 13 noise types runs through the Logic on an oblique CT volume.
+    from FPDenoiseLib.noise import NOISE_NAMES
+
+    for name in NOISE_NAMES:
+        node = logic.simulateNoise(ct, name, 0.5, seed=0)
+        assert slicer.util.arrayFromVolume(node).shape == clean.shape, name
+
+
+def test_check_device_messages(logic, ct):
+    ok, msg = logic.checkDevice("cpu", ct)
+    assert ok and "CPU" in msg
+    import torch
+
+    if not torch.cuda.is_available():
+        ok, msg = logic.checkDevice("cuda", ct)
+        assert not ok and "CUDA" in msg and "cpu" in msg
+
+
+# ----------------------------------------------------------------------------- batch
+def _write_nrrd(path: Path, arr: np.ndarray, spacing, origin, direction) -> None:
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(direction)
+    sitk.WriteImage(img, str(path))
+
+
+def test_batch_example_on_a_folder(tmp_path, checkpoint):
+    import importlib.util
+
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    inp, out = tmp_path / "in", tmp_path / "out"
+    (inp / "sub").mkdir(parents=True)
+    c, s = np.cos(0.3), np.sin(0.3)
+    oblique = (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
+    _write_nrrd(inp / "a.nrrd", _ct_phantom(1), (0.6, 0.9, 3.0), (10.0, -20.0, 5.0), oblique)
+    _write_nrrd(inp / "sub" / "b.nrrd", _ct_phantom(2, (2, 36, 44)), (1.0, 1.0, 1.5), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+    spec = importlib.util.spec_from_file_location("batch_denoise_slicer", REPO / "examples" / "batch_denoise_slicer.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main([str(inp), str(out), "--model", str(checkpoint), "--device", "cpu"]) == 0
+
+    expected = {"a", "sub_b"}
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{n}{suffix}" for n in expected for suffix in ("_denoised.nrrd", "_saliency.nrrd", "_denoised_saliency.nrrd"))
+    for src, base in ((inp / "a.nrrd", "a"), (inp / "sub" / "b.nrrd", "sub_b")):
+        ref = sitk.ReadImage(str(src))
+        for suffix in ("_denoised.nrrd", "_saliency.nrrd"):
+            got = sitk.ReadImage(str(out / f"{base}{suffix}"))
+            np.testing.assert_allclose(got.GetSpacing(), ref.GetSpacing(), atol=1e-9)
+            np.testing.assert_allclose(got.GetOrigin(), ref.GetOrigin(), atol=1e-9)
+            np.testing.assert_allclose(got.GetDirection(), ref.GetDirection(), atol=1e-9)
+            assert got.GetSize() == ref.GetSize()
+        den = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{base}_denoised.nrrd")))
+        assert den.dtype == np.int16 and abs(float(den.min()) + 1000) < 200
+    # The batch leaves no nodes behind (scene cleared per input), so big folders do not pile up memory.
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+    # Bad input: one-line error, exit code 2.
+    assert example.main([str(tmp_path / "missing"), str(out)]) == 2
+
+
+# ----------------------------------------------------------------------------- background processes
+def test_progress_line_parser():
+    p = process.parse_progress_line("PROGRESS 3 10 stage 2: step 3")
+    assert (p.done, p.total, p.message, p.fraction) == (3, 10, "stage 2: step 3", 0.3)
+    assert process.parse_progress_line("PROGRESS 0 0").fraction == 0.0
+    tq = "denoise:  45%|####5     | 45/100 [00:01<00:02, 30.0it/s]"
+    assert process.parse_progress_line(tq) == process.Progress(45, 100, "denoise")
+    # several carriage-return separated tqdm refreshes in one chunk: the last one wins
+    assert process.parse_progress_line(" 10%|#   | 1/10 [00:00<?]\r 20%|##  | 2/10 [00:00<00:01]").done == 2
+    for junk in ("", "loading checkpoint", "PROGRESS x y", "error: 100%|broken"):
+        assert process.parse_progress_line(junk) is None
+
+
+def test_background_denoise_worker_matches_in_process(logic, ct, checkpoint, tmp_path):
+    cmd, work = logic.prepareBackgroundDenoise(ct, tmp_path / "work", modelPath=checkpoint, device="cpu")
+    assert cmd[1:3] == ["-m", "FPDenoiseSlicerLib.worker"]
+    job = process.BackgroundJob(cmd, env=logic.backgroundEnvironment())
+    assert job.wait(timeout=300) == 0, job.error_summary()
+    assert job.progress is not None and job.progress.fraction == 1.0
+    res = logic.loadBackgroundDenoiseResults(ct, work)
+    ref = logic.denoise(ct, checkpoint, device="cpu")
+    np.testing.assert_array_equal(
+        slicer.util.arrayFromVolume(res["outputVolumeNode"]), slicer.util.arrayFromVolume(ref["outputVolumeNode"])
+    )
+    np.testing.assert_allclose(_matrix(res["outputVolumeNode"]), _ijk_to_ras(), atol=1e-9)
+    assert res["fpScore"] == pytest.approx(ref["fpScore"], abs=1e-5)
+    assert res["inputSaliencyNode"].GetDisplayNode().GetApplyThreshold()
+
+    # A bad model path: the worker fails with a one-line error that the widget shows.
+    bad = process.BackgroundJob(
+        logic.denoiseCommand(work / "input.nrrd", tmp_path / "w2", modelPath=tmp_path / "nope.pt"),
+        env=logic.backgroundEnvironment(),
+    )
+    assert bad.wait(timeout=120) == 2
+    assert "nope.pt" in bad.error_summary() and "not found" in bad.error_summary()
+
+
+def test_training_command_runs_in_background(logic, ct, tmp_path, checkpoint):
+    data = logic.exportVolumesForTraining([ct], tmp_path / "data")
+    assert len(data) == 1 and data[0].suffix == ".nrrd"
+    out = tmp_path / "finetuned.pt"
+    cmd = logic.trainingCommand(tmp_path / "data", out, stage="denoiser", noises=["gaussian", "rician"], steps=2,
+                                device="cpu", initModelPath=checkpoint)
+    # The command parses with the real CLI (flags exist), and trains a loadable checkpoint.
+    from FPDenoiseLib.cli import build_parser
+
+    args = build_parser().parse_args(cmd[3:])
+    assert args.stage == "denoiser" and args.noise == ["gaussian", "rician"] and args.steps == 2 and args.progress_lines
+    small = ["--batch-size", "2", "--patch-size", "32", "--bank-size", "8", "--val-every", "1000"]
+    job = process.BackgroundJob(cmd + small, env=logic.backgroundEnvironment())
+    assert job.wait(timeout=300) == 0, job.error_summary()
+    assert job.progress is not None and job.progress.total > 0
+    assert out.is_file()
+    res = logic.denoise(ct, out, device="cpu", computeSaliency=False)  # the result is selectable as a model
+    assert slicer.util.arrayFromVolume(res["outputVolumeNode"]).shape == (3, 40, 48)
+    with pytest.raises(ValueError):
+        logic.trainingCommand(tmp_path, out, stage="everything")
+
+
+def test_cancel_kills_the_whole_process_tree(tmp_path):
+    # A parent that starts a child, reports progress, then sleeps: like training with data workers.
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "print('CHILD', child.pid, flush=True)\n"
+        "print('PROGRESS 1 100 step 1', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    job = process.BackgroundJob([sys.executable, "-c", script])
+    child = None
+    deadline = time.monotonic() + 30
+    while child is None and time.monotonic() < deadline:
+        job.poll()
+        child = next((int(ln.split()[1]) for ln in job.lines if ln.startswith("CHILD")), None)
+        time.sleep(0.05)
+    assert child is not None
+    while job.progress is None and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    assert job.progress.done == 1
+    t0 = time.monotonic()
+    job.cancel()
+    assert job.wait(timeout=20) != 0 and job.cancelled
+    assert time.monotonic() - t0 < 15
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # a zombie (killed, not yet reaped by its dead parent) counts as gone
+        try:
+            return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") >= 0
+        except OSError:
+            return True
+
+    for _ in range(100):
+        if gone(child):
+            break
+        time.sleep(0.05)
+    assert gone(child), "child process survived Cancel"
+
+
+def test_kill_without_psutil_uses_ps_walk(monkeypatch):
+    """The fallback path (no psutil in Slicer's Python) also ends grandchildren."""
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil -> ImportError
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)']); time.sleep(60)"]
+    )
+    deadline = time.monotonic() + 20
+    kids: list[int] = []
+    while not kids and time.monotonic() < deadline:
+        kids = process._descendants_posix(proc.pid)
+        time.sleep(0.05)
+    assert kids
+    process.kill_process_tree(proc.pid, timeout=5)
+    assert proc.wait(timeout=10) != 0
+    for pid in kids:
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            if "State:\tZ" in Path(f"/proc/{pid}/status").read_text():
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"grandchild {pid} survived")
+
+
+def test_errors_are_one_line(logic, ct, tmp_path):
+    with pytest.raises(FPDenoiseError) as err:
+        logic.denoise(ct, tmp_path / "missing.pt", device="cpu")
+    assert "missing.pt" in str(err.value) and "\n" not in str(err.value)

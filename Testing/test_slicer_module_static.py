@@ -1,0 +1,146 @@
+"""Static checks of the Slicer module where its Qt widget cannot run (no Slicer application here).
+
+- every Python file of the extension compiles;
+- the .ui parses, and every ``self.ui.<name>`` the widget uses is an objectName in it;
+- every ``SlicerParameterName`` in the .ui is a field of the parameter node, with a widget type the
+  parameter-node wrapper can bind to that field's type;
+- the module declares the title/category/help/acknowledgement the issue asks for;
+- the CMakeLists list files that exist (and the globs match something).
+"""
+
+from __future__ import annotations
+
+import ast
+import py_compile
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE = REPO / "FPDenoise"
+SCRIPT = MODULE / "FPDenoise.py"
+UI = MODULE / "Resources" / "UI" / "FPDenoise.ui"
+
+
+def _py_files() -> list[Path]:
+    return sorted(MODULE.rglob("*.py")) + [REPO / "examples" / "batch_denoise_slicer.py"]
+
+
+@pytest.mark.parametrize("path", _py_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_compiles(path, tmp_path):
+    py_compile.compile(str(path), cfile=str(tmp_path / "x.pyc"), doraise=True)
+
+
+def _ui_widgets() -> dict[str, ET.Element]:
+    root = ET.parse(UI).getroot()
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def test_ui_names_used_by_widget_exist():
+    widgets = _ui_widgets()
+    used = set(re.findall(r"self\.ui\.([A-Za-z_]\w*)", SCRIPT.read_text()))
+    assert used, "the widget uses no self.ui names?"
+    missing = sorted(used - set(widgets))
+    assert not missing, f"self.ui names missing from {UI.name}: {missing}"
+    assert ET.parse(UI).getroot().find("widget").get("class") == "qMRMLWidget"
+
+
+def _parameter_fields() -> dict[str, str]:
+    tree = ast.parse(SCRIPT.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "FPDenoiseParameterNode":
+            assert any(ast.unparse(d) == "parameterNodeWrapper" for d in node.decorator_list)
+            return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise AssertionError("FPDenoiseParameterNode not found")
+
+
+# Widget classes the parameterNodeWrapper connectors bind, by (unannotated) field type.
+_BINDABLE = {
+    "vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"},
+    "str": {"QComboBox", "QLineEdit"},
+    "bool": {"QCheckBox", "QPushButton"},
+    "float": {"ctkSliderWidget", "QDoubleSpinBox"},
+    "int": {"QSpinBox", "QSlider"},
+}
+
+
+def test_parameter_names_bind_to_fields():
+    fields = _parameter_fields()
+    bound = {}
+    for name, w in _ui_widgets().items():
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.findtext("string")] = (name, w.get("class"))
+    assert bound, "no widget is bound to the parameter node"
+    for param, (wname, cls) in bound.items():
+        assert param in fields, f"{wname}: SlicerParameterName {param!r} is not a parameter node field"
+        annotation = fields[param]
+        base = re.sub(r"^Annotated\[(\w+),.*\]$", r"\1", annotation)
+        assert cls in _BINDABLE[base], f"{wname} ({cls}) cannot bind to {param}: {annotation}"
+        if cls == "QComboBox":
+            assert "Choice(" in annotation, f"{param}: a QComboBox needs a Choice annotation"
+        if cls in ("ctkSliderWidget", "QSlider"):
+            assert "WithinRange(" in annotation, f"{param}: a slider needs a WithinRange annotation"
+
+
+def test_noise_names_match_library():
+    from FPDenoiseLib.noise import NOISE_NAMES
+
+    tree = ast.parse(SCRIPT.read_text())
+    names = next(
+        ast.literal_eval(n.value)
+        for n in tree.body
+        if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "NOISE_NAMES"
+    )
+    assert tuple(names) == tuple(NOISE_NAMES)
+
+
+def test_module_metadata():
+    text = SCRIPT.read_text()
+    assert 'self.parent.title = "FPDenoise"' in text
+    assert 'self.parent.categories = ["Filtering.Denoising"]' in text
+    assert "Medical Image Denoising via Explainable AI Feature Preserving Loss" in text
+    tree = ast.parse(text)
+    classes = {n.name: [ast.unparse(b) for b in n.bases] for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert "ScriptedLoadableModule" in classes["FPDenoise"]
+    assert "ScriptedLoadableModuleWidget" in classes["FPDenoiseWidget"]
+    assert "ScriptedLoadableModuleLogic" in classes["FPDenoiseLogic"]
+    assert "ScriptedLoadableModuleTest" in classes["FPDenoiseTest"]
+    # No Qt in the Logic shared with the batch script and the browser viewer.
+    logic = (MODULE / "FPDenoiseSlicerLib" / "logic.py").read_text() + (MODULE / "FPDenoiseSlicerLib" / "process.py").read_text()
+    assert not re.search(r"^\s*(import|from)\s+(qt|ctk|PythonQt)\b", logic, re.M)
+
+
+def _cmake_listed(path: Path) -> list[str]:
+    text = re.sub(r"#.*", "", path.read_text())
+    items = []
+    for block in re.findall(r"set\(\s*MODULE_PYTHON_(?:SCRIPTS|RESOURCES)\s+(.*?)\)", text, re.S):
+        items += block.split()
+    return [i.replace("${MODULE_NAME}", "FPDenoise") for i in items]
+
+
+def test_cmakelists_list_existing_files():
+    root = (REPO / "CMakeLists.txt").read_text()
+    assert "add_subdirectory(FPDenoise)" in root
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf"set\({key}\s", root), key
+    listed = _cmake_listed(MODULE / "CMakeLists.txt")
+    assert "FPDenoise.py" in listed and "Resources/UI/FPDenoise.ui" in listed
+    missing = [f for f in listed if not (MODULE / f).is_file()]
+    assert not missing, f"listed in FPDenoise/CMakeLists.txt but missing: {missing}"
+    # Every module Python file is listed (a forgotten helper would be absent from the built extension).
+    actual = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py")}
+    assert actual <= set(listed), f"not listed: {sorted(actual - set(listed))}"
+    text = (MODULE / "CMakeLists.txt").read_text()
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    assert "${FPDENOISE_ROOT}/FPDenoiseLib/*.py" in text and list((REPO / "FPDenoiseLib").glob("*.py"))
+
+
+def test_icon_is_128_png():
+    from PIL import Image
+
+    with Image.open(MODULE / "Resources" / "Icons" / "FPDenoise.png") as im:
+        assert im.format == "PNG" and im.size == (128, 128)
