@@ -184,6 +184,22 @@ def _short(err: BaseException) -> str:
     return (msg[:200] + "...") if len(msg) > 200 else (msg or type(err).__name__)
 
 
+def _itk_msg(err: BaseException) -> str:
+    """The useful part of an ITK/SimpleITK exception (drops source paths and object addresses)."""
+    import re
+
+    text = str(err)
+    if "ERROR:" in text:
+        text = text.split("ERROR:", 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return _short(err)
+    first = re.sub(r"^\w+\(0x[0-9a-f]+\):\s*", "", lines[0])
+    last = re.sub(r"^\[\w+\]\s*", "", lines[-1]) if len(lines) > 1 else ""
+    msg = first + (f" ... {last}" if last and last != first else "")
+    return _short(msg)
+
+
 def _check_array(arr: np.ndarray, where: str, *, min_size: int, allow_nonfinite: bool) -> None:
     if arr.ndim != 3:
         raise InputError(f"{where}: expected a 2D image or 3D volume, got array shape {arr.shape}")
@@ -384,7 +400,7 @@ def _read_sitk(p: Path) -> Image:
     try:
         im = sitk.ReadImage(str(p))
     except RuntimeError as err:
-        raise InputError(f"{p}: cannot read ({_short(err).split('  ')[0]})") from err
+        raise InputError(f"{p}: cannot read ({_itk_msg(err)})") from err
     if im.GetNumberOfComponentsPerPixel() > 1:
         raise InputError(f"{p}: has {im.GetNumberOfComponentsPerPixel()} components per voxel (RGB/vector); "
                          "only single-channel grayscale is supported")
@@ -558,7 +574,7 @@ def _pixels(ds, f: Path) -> np.ndarray:
                 ts_name = ts
             raise InputError(
                 f"{f}: cannot decode compressed transfer syntax {ts_name} ({ts}) with the installed decoders; "
-                f"{_decoder_hint(ts, err)} (SimpleITK/GDCM also failed: {_short(err2)[:80]})"
+                f"{_decoder_hint(ts, err)} (SimpleITK/GDCM also failed: {_itk_msg(err2)[:120]})"
             ) from err
     arr = np.asarray(arr)
     if not arr.dtype.isnative:
@@ -654,8 +670,10 @@ def _read_dicom_files(files: list[Path], where: Path) -> Image:
     slices = []  # (header, frames_array, positions, iop, ps, thick, ipp, slope, intercept)
     for f in files:
         ds = _dcmread(f)
+        if "Rows" not in ds and "SOPClassUID" not in ds and "PixelData" not in ds:
+            raise InputError(f"{f}: not a readable DICOM file (corrupt, or not DICOM)")
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-            raise InputError(f"{f}: DICOM file has no pixel data (not an image)")
+            raise InputError(f"{f}: DICOM file has no pixel data (not an image, or truncated)")
         spp = int(getattr(ds, "SamplesPerPixel", 1) or 1)
         pi = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").upper()
         if spp != 1 or not pi.startswith("MONOCHROME"):
@@ -805,7 +823,7 @@ def _diagnose_write_error(path: Path, err: BaseException, nbytes: int) -> Output
         return _output_error(path, oserr)
     finally:
         _remove(probe)
-    return OutputError(f"{path}: cannot write ({_short(err)})")
+    return OutputError(f"{path}: cannot write ({_itk_msg(err)})")
 
 
 def _remove(p: Path) -> None:
