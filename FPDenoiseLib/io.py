@@ -1286,6 +1286,12 @@ def _write_dicom(image: Image, arr: np.ndarray, path: Path, *, like: Image | Non
         return
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path}: exists and is not a folder (a DICOM series is written as a folder)")
+    if path.is_dir():
+        # only a previous DICOM series may be replaced: never swap away a folder holding other data
+        others = [e.name for e in path.iterdir() if e.is_dir() or not _looks_like_dicom(e)]
+        if others:
+            raise OutputError(f"{path}: output folder holds non-DICOM content ({', '.join(sorted(others)[:3])}); "
+                              "choose an empty or new folder")
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.mkdir()
         for k, ds in enumerate(datasets):

@@ -355,6 +355,16 @@ def existing_output_no_overwrite(d: Path, out: Path):
     write_image(_img(value=3), p, overwrite=False)
 
 
+def dicom_over_foreign_folder(d: Path, out: Path):
+    """A DICOM series never replaces a folder holding other data (e.g. a mistyped home folder)."""
+    (out / "notes.txt").write_text("keep me")
+    try:
+        write_image(_img(modality="CT"), out)
+    finally:
+        assert (out / "notes.txt").read_text() == "keep me"
+        (out / "notes.txt").unlink()  # so the generic 'output folder left empty' check applies
+
+
 def parent_is_a_file(d: Path, out: Path):
     (d / "blocker").write_text("x")
     write_image(_img(), d / "blocker" / "x.nrrd")
@@ -402,6 +412,7 @@ WRITE_CASES = [
     (unsupported_output, InputError, "unsupported output extension", "x.jpg"),
     (existing_output_no_overwrite, OutputError, "exists", "prev.nrrd"),
     (parent_is_a_file, OutputError, "cannot write", "x.nrrd"),
+    (dicom_over_foreign_folder, OutputError, "non-DICOM content", "out"),
     (disk_full_dicom, OutputError, "file too large", "series"),
     (disk_full_nrrd, OutputError, "file too large", "vol.nrrd"),
 ]
