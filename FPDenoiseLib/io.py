@@ -917,6 +917,7 @@ def write_image(
     description: str = "",
     overwrite: bool = True,
     clip: bool = False,
+    rescale: bool | None = None,
     series_number: int | None = None,
 ) -> Path:
     """Write ``image`` atomically; the format follows ``path``'s extension.
@@ -926,7 +927,9 @@ def write_image(
     * ``.png`` (uint8/uint16) and ``.tif``/``.tiff`` (any numeric dtype, pixel size in mm stored
       as resolution): 2D only (``InputError`` for more than one slice). PNG: uint8/uint16 arrays are
       written as is; other dtypes are rounded and written as uint16 (uint8 if ``like`` was uint8)
-      when they fit, else ``InputError`` — or clipped to the range if ``clip=True``.
+      when they fit, else ``InputError`` — or clipped to the range if ``clip=True``. With
+      ``rescale=True`` (default for float maps with modality "OT", e.g. saliency) values are
+      min-max stretched to the full uint8/uint16 range instead.
     * a folder path (no suffix, or an existing folder) -> DICOM series, one file per slice; a
       ``.dcm`` path -> one DICOM file for a 2D image (a series folder of that name otherwise).
       With a DICOM ``like`` (or ``image.dicom_headers``) it is a derived series of the same
@@ -958,7 +961,9 @@ def write_image(
     if ext in VOLUME_EXTENSIONS:
         _write_sitk(image, arr, path, overwrite)
     elif ext == ".png":
-        _write_png(image, arr, path, like, clip, overwrite)
+        if rescale is None:
+            rescale = arr.dtype.kind == "f" and image.modality == "OT"
+        _write_png(image, arr, path, like, clip, overwrite, rescale)
     elif ext in (".tif", ".tiff"):
         _write_tiff(image, arr, path, overwrite)
     elif _is_dicom_target(path, image):
@@ -1049,13 +1054,20 @@ def _to_uint(arr: np.ndarray, dt, path: Path, clip: bool) -> np.ndarray:
     return v.astype(dt)
 
 
-def _write_png(image: Image, arr: np.ndarray, path: Path, like: Image | None, clip: bool, overwrite: bool) -> None:
+def _write_png(image: Image, arr: np.ndarray, path: Path, like: Image | None, clip: bool, overwrite: bool,
+               rescale: bool = False) -> None:
     from PIL import Image as PILImage
 
     if arr.shape[0] != 1:
         raise InputError(f"{path}: PNG holds one 2D image but the image has {arr.shape[0]} slices; "
                          "write .nrrd/.nii.gz/.mha or a DICOM folder")
-    out = _to_uint(arr[0], _png_target_dtype(arr, like), path, clip)
+    dt = np.dtype(_png_target_dtype(arr, like))
+    if rescale and arr.dtype != bool:
+        a = arr[0].astype(np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        out = np.rint((a - lo) / (hi - lo) * np.iinfo(dt).max).astype(dt) if hi > lo else np.zeros(a.shape, dt)
+    else:
+        out = _to_uint(arr[0], dt, path, clip)
     with atomic_path(path, overwrite=overwrite) as tmp:
         im = PILImage.fromarray(np.ascontiguousarray(out))
         im.save(tmp, format="PNG")

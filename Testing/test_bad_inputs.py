@@ -326,7 +326,7 @@ def out_folder_holds_input(d: Path, out: Path):
 
 
 def png_overflow(d: Path, out: Path):
-    write_image(_img((1, 16, 16), np.float32, 70000.0, is_2d=True), out / "x.png")
+    write_image(_img((1, 16, 16), np.float32, 70000.0, modality="XR", is_2d=True), out / "x.png")
 
 
 def png_negative(d: Path, out: Path):

@@ -236,11 +236,11 @@ def test_png_round_trip(tmp_path, dtype, hi):
 
 def test_png_write_float_and_overflow(tmp_path):
     like = Image(np.zeros((1, 8, 8), np.uint8), is_2d=True)
-    f = Image(np.full((1, 8, 8), 100.4, np.float32), is_2d=True)
+    f = Image(np.full((1, 8, 8), 100.4, np.float32), modality="XR", is_2d=True)
     write_image(f, tmp_path / "f.png", like=like)
     assert read_image(tmp_path / "f.png").array.dtype == np.uint8
     assert read_image(tmp_path / "f.png").array[0, 0, 0] == 100
-    big = Image(np.full((1, 8, 8), 300.0, np.float32), is_2d=True)
+    big = Image(np.full((1, 8, 8), 300.0, np.float32), modality="XR", is_2d=True)
     with pytest.raises(InputError, match=r"do not fit uint8"):
         write_image(big, tmp_path / "big.png", like=like)
     assert not (tmp_path / "big.png").exists()
@@ -249,6 +249,17 @@ def test_png_write_float_and_overflow(tmp_path):
     neg = Image(np.full((1, 8, 8), -5, np.int16), is_2d=True)
     with pytest.raises(InputError, match="uint16"):
         write_image(neg, tmp_path / "neg.png")
+
+
+def test_png_float_saliency_is_stretched(tmp_path):
+    sal = np.linspace(0, 2e-3, 64, dtype=np.float32).reshape(1, 8, 8)
+    like = Image(np.zeros((1, 8, 8), np.uint8), is_2d=True)
+    write_image(Image(sal, modality="OT", is_2d=True), tmp_path / "s.png", like=like)
+    back = read_image(tmp_path / "s.png").array
+    assert back.dtype == np.uint8 and back.min() == 0 and back.max() == 255
+    np.testing.assert_allclose(back[0], sal[0] / 2e-3 * 255, atol=0.51)
+    with pytest.raises(InputError):  # same map in image units (not "OT"): no silent stretch
+        write_image(Image(sal * 1e6, modality="XR", is_2d=True), tmp_path / "x.png", like=like)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
