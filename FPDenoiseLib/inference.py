@@ -24,7 +24,7 @@ import torch
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .device import pick_device
 from .errors import InputError
-from .intensity import DEFAULT_POLICY, Normalizer
+from .intensity import DEFAULT_POLICY, Normalizer, cast_like
 from .xai import guided_backprop, saliency_for_display
 
 Progress = Callable[[int, int], None]
@@ -77,13 +77,6 @@ def _check_array(array: np.ndarray) -> np.ndarray:
     if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
         raise InputError("image contains NaN or infinite values")
     return a
-
-
-def _to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
-    return values.astype(dtype, copy=False)
 
 
 class Denoiser:
@@ -176,7 +169,7 @@ class Denoiser:
             x = norm.forward(stack[sl])
             if denoise:
                 y = self._forward(x)
-                den[sl] = _to_dtype(norm.inverse(y), a.dtype)
+                den[sl] = cast_like(norm.inverse(y), a.dtype)
             if saliency:
                 sal_in[sl] = self._gb(x)
                 if denoise:

@@ -70,3 +70,35 @@ class Normalizer:
         if not hi > lo:  # flat image: keep a unit scale so the map stays invertible
             lo, hi = float(flat.min()), float(flat.min()) + 1.0
         return cls("percentile", float(lo), float(hi))
+
+
+def cast_like(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast float ``values`` to ``dtype``; integers are rounded and clipped to the type's range
+    (never wrapped around: +40000 in int16 becomes 32767, not -25536)."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return np.asarray(values).astype(dtype, copy=False)
+
+
+def in_normalized_units(
+    array: np.ndarray,
+    fn,
+    *,
+    modality: str | None = None,
+    policy: dict | None = None,
+) -> np.ndarray:
+    """Apply ``fn`` (which works in the normalised range) to ``array`` given in original units.
+
+    Normalises with :meth:`Normalizer.for_array`, applies ``fn``, maps back and casts to the
+    input's dtype. Used to simulate noise on a CT volume in HU:
+
+    >>> from FPDenoiseLib.noise import add_noise
+    >>> hu = np.zeros((4, 32, 32), np.int16)
+    >>> noisy = in_normalized_units(hu, lambda x: add_noise(x, "gaussian", seed=0), modality="CT")
+    >>> noisy.dtype
+    dtype('int16')
+    """
+    norm = Normalizer.for_array(array, modality=modality, policy=policy)
+    return cast_like(norm.inverse(fn(norm.forward(array))), np.asarray(array).dtype)

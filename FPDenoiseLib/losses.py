@@ -1,7 +1,15 @@
 """Training losses: residual loss + lambda * feature-preserving (FP) loss.
 
-``L = mean((D(x~) - x~ + n)^2) + lambda * mean((GB_f(D(x~)) - GB_f(x))^2)`` with ``n = x~ - x``.
+``L = mean((D(x~) - x~ + n)^2) + lambda * mean((GB_f(D(x~)) - GB_f(x))^2) / s`` with
+``n = x~ - x`` and ``s = mean(GB_f(x)^2)`` over the clean training bank (``gb_scale``).
 The residual term equals ``mean((D(x~) - x)^2)``; it is written in the paper's residual form.
+
+Why ``s``: GB maps have no fixed unit (their size depends on f's weights and the readout), so
+the raw FP term can be 1e-11 or 1e+3 depending on the restoration net and lambda would have to
+be re-tuned for every f. Dividing by the clean maps' mean energy makes the FP term a relative
+feature error (0 = identical features, 1 = as large as the features themselves), so one lambda
+transfers between restoration nets, patch sizes and datasets. ``gb_scale=1`` gives the paper's
+un-normalised form.
 ``mode="mse"`` drops the FP term and keeps everything else identical (the ablation twin).
 
 Means (not sums) keep ``lambda`` independent of patch and batch size.
@@ -31,10 +39,13 @@ class FPLoss(nn.Module):
         restoration: the frozen restoration net ``f`` (its parameters are set to
             ``requires_grad=False`` here; gradients flow through it to the denoiser output only).
         lam: weight of the FP term.
+        gb_scale: mean squared GB of clean training images (normalises the FP term; see above).
         mode: "fp" (paper) or "mse" (ablation: residual loss only).
     """
 
-    def __init__(self, restoration: nn.Module | None, *, lam: float = 1.0, mode: str = "fp") -> None:
+    def __init__(
+        self, restoration: nn.Module | None, *, lam: float = 1.0, mode: str = "fp", gb_scale: float = 1.0
+    ) -> None:
         super().__init__()
         if mode not in ("fp", "mse"):
             raise ValueError(f"loss mode must be 'fp' or 'mse', got {mode!r}")
@@ -42,6 +53,9 @@ class FPLoss(nn.Module):
             raise ValueError("the FP loss needs a restoration network")
         self.mode = mode
         self.lam = float(lam)
+        if not gb_scale > 0:
+            raise ValueError(f"gb_scale must be positive, got {gb_scale}")
+        self.gb_scale = float(gb_scale)
         self.restoration = restoration
         if restoration is not None:
             restoration.eval()
@@ -69,7 +83,7 @@ class FPLoss(nn.Module):
         if gb_clean is None:
             gb_clean = self.gb_clean(clean)
         gb_den = guided_backprop(self.restoration, denoised, create_graph=True)
-        fp = (gb_den - gb_clean).pow(2).mean()
+        fp = (gb_den - gb_clean).pow(2).mean() / self.gb_scale
         total = residual + self.lam * fp
         return total, {
             "residual": float(residual.detach()),

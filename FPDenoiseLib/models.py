@@ -134,6 +134,9 @@ class UNet(nn.Module):
         self.downs = nn.ModuleList(_double_conv(chans[i], chans[i + 1]) for i in range(depth))
         self.ups = nn.ModuleList(_Up(chans[i + 1], chans[i], chans[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(chans[0], out_channels, 1)
+        if self.residual:  # start as the identity: early training never makes images worse
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xp, (h, w) = _pad_to_multiple(x, 2**self.depth)

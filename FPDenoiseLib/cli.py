@@ -1,0 +1,342 @@
+"""``fpdenoise`` command line. Thin: parses arguments and calls the library; no math here.
+
+Every user error ends with one line ``fpdenoise: error: <file>: <problem>`` on stderr and exit
+status 2; nothing is written in that case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import FPDenoiseError, OutputError
+
+
+# ---------------------------------------------------------------- helpers
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _check_out(inp: str, out: str) -> None:
+    if _same_path(inp, out):
+        raise OutputError(f"{out}: output path is the input path; refusing to overwrite the input")
+
+
+def _progress_cb(desc: str, lines: bool):
+    """Return (callback(done, total), close) showing a tqdm bar or PROGRESS lines."""
+    if lines:
+
+        def cb(done: int, total: int) -> None:
+            print(f"PROGRESS {done} {total} {desc}", flush=True)
+
+        return cb, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="slice", file=sys.stderr, dynamic_ncols=True)
+
+    def cb(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return cb, bar.close
+
+
+def _saliency_paths(out: str, sal_dir: str, like: Path) -> tuple[Path, Path]:
+    """Names for the input's and the output's saliency maps, same format as ``out``."""
+    out_p = Path(out)
+    name = out_p.name
+    for ext in (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".png", ".tif", ".tiff", ".dcm"):
+        if name.lower().endswith(ext):
+            stem, suffix = name[: -len(ext)], ext
+            break
+    else:  # DICOM series folder
+        stem, suffix = name, ""
+    d = Path(sal_dir)
+    return d / f"{stem}_saliency_input{suffix}", d / f"{stem}_saliency_denoised{suffix}"
+
+
+# ---------------------------------------------------------------- commands
+def cmd_noises(args: argparse.Namespace) -> int:
+    from .noise import NOISE_NAMES
+
+    print("\n".join(NOISE_NAMES))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .intensity import in_normalized_units
+    from .io import read_image, write_image
+    from .noise import add_noise
+
+    _check_out(args.input, args.output)
+    img = read_image(args.input)
+    noisy = in_normalized_units(
+        img.array, lambda x: add_noise(x, args.noise, level=args.level, seed=args.seed), modality=img.modality
+    )
+    desc = f"FPDenoise simulated {args.noise} level {args.level}"
+    path = write_image(replace(img, array=noisy), args.output, like=img, description=desc)
+    print(path)
+    return 0
+
+
+def cmd_denoise(args: argparse.Namespace) -> int:
+    from .inference import Denoiser
+    from .io import read_image, write_image
+
+    _check_out(args.input, args.output)
+    img = read_image(args.input)
+    den = Denoiser(args.model, device=args.device, batch_size=args.batch_size)
+    cb, close = _progress_cb("denoise", args.progress_lines)
+    try:
+        res = den.run(img, saliency=bool(args.saliency_dir), progress=cb)
+    finally:
+        close()
+    desc = f"FPDenoise denoised ({den.name})"
+    written = [write_image(res.denoised, args.output, like=img, description=desc)]
+    if args.saliency_dir:
+        p_in, p_out = _saliency_paths(args.output, args.saliency_dir, Path(args.input))
+        written.append(write_image(res.saliency_input, p_in, like=img, description=f"FPDenoise saliency input ({den.name})"))
+        written.append(write_image(res.saliency_output, p_out, like=img, description=f"FPDenoise saliency denoised ({den.name})"))
+        print(f"feature-preservation score (corr. of GB maps, input vs denoised): {res.fp_score:.4f}", file=sys.stderr)
+    for w in written:
+        print(w)
+    return 0
+
+
+def cmd_saliency(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .inference import Denoiser
+    from .io import read_image, write_image
+
+    _check_out(args.input, args.output)
+    img = read_image(args.input)
+    den = Denoiser(args.model, device=args.device, batch_size=args.batch_size)
+    cb, close = _progress_cb("saliency", args.progress_lines)
+    try:
+        sal = den.saliency_array(img.array, modality=img.modality, progress=cb)
+    finally:
+        close()
+    out = replace(img, array=sal, modality="OT")
+    print(write_image(out, args.output, like=img, description=f"FPDenoise saliency ({den.name})"))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=list(args.data),
+        out=args.out,
+        stage=args.stage,
+        loss=args.loss,
+        lam=args.lam,
+        noises=list(args.noise),
+        level_range=(args.level_min, args.level_max),
+        arch=args.arch,
+        base_channels=args.base_channels,
+        depth=args.depth,
+        max_channels=args.max_channels,
+        steps=args.steps,
+        restoration_steps=args.restoration_steps,
+        batch_size=args.batch_size,
+        patch_size=args.patch_size,
+        bank_size=args.bank_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        val_every=args.val_every,
+        ckpt_every=args.ckpt_every,
+        init=args.init,
+        max_slices_per_volume=args.max_slices_per_volume,
+        name=args.name,
+        save_dtype=args.save_dtype,
+    )
+    path = train(cfg, resume=args.resume, progress_lines=args.progress_lines)
+    print(path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Denoise the bundled sample after simulating noise; write volumes, saliency and a PNG panel."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from .figures import save_panel
+    from .inference import Denoiser, sample_data_path
+    from .intensity import in_normalized_units
+    from .io import read_image, write_image
+    from .metrics import psnr, ssim
+    from .noise import add_noise
+
+    out = Path(args.out)
+    clean = read_image(args.input or sample_data_path())
+    den = Denoiser(args.model, device=args.device)
+    noisy_arr = in_normalized_units(
+        clean.array, lambda x: add_noise(x, args.noise, level=args.level, seed=args.seed), modality=clean.modality
+    )
+    noisy = replace(clean, array=noisy_arr)
+    cb, close = _progress_cb("demo", args.progress_lines)
+    try:
+        res = den.run(noisy, progress=cb)
+    finally:
+        close()
+    paths = [
+        write_image(noisy, out / "noisy.nrrd", like=clean, description="noisy"),
+        write_image(res.denoised, out / "denoised.nrrd", like=clean, description="denoised"),
+        write_image(res.saliency_input, out / "saliency_noisy.nrrd", like=clean, description="saliency"),
+        write_image(res.saliency_output, out / "saliency_denoised.nrrd", like=clean, description="saliency"),
+    ]
+    k = clean.array.shape[0] // 2
+    c = clean.array[k].astype(np.float32)
+    n = noisy_arr[k].astype(np.float32)
+    d = res.denoised.array[k].astype(np.float32)
+    rng = float(c.max() - c.min())
+    lo, hi = (-1000.0, 600.0) if clean.modality == "CT" else (float(np.percentile(c, 0.5)), float(np.percentile(c, 99.5)))
+    stats = (
+        f"{args.noise} level {args.level}: PSNR noisy {psnr(c, n, data_range=rng):.2f} dB -> "
+        f"denoised {psnr(c, d, data_range=rng):.2f} dB; SSIM {ssim(c, n, data_range=rng):.3f} -> "
+        f"{ssim(c, d, data_range=rng):.3f}; feature preservation {res.fp_score:.3f}"
+    )
+    paths.append(
+        save_panel(
+            [("clean", c), ("noisy", n), ("denoised", d),
+             ("GB noisy", res.saliency_input.array[k], "inferno"), ("GB denoised", res.saliency_output.array[k], "inferno")],
+            out / "panel.png",
+            title=stats,
+            shared_range=(lo, hi),
+        )
+    )
+    print(stats)
+    for p in paths:
+        print(p)
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS done total' lines (for GUIs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .noise import DEFAULT_LEVEL, NOISE_NAMES
+
+    parser = argparse.ArgumentParser(prog="fpdenoise", description="Explainable feature-preserving denoising of CT, X-ray and MR images.")
+    parser.add_argument("--version", action="version", version=f"fpdenoise {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("noises", help="list the 13 noise/artifact types")
+    p.set_defaults(func=cmd_noises)
+
+    p = sub.add_parser("simulate", help="add a noise/artifact to a clean image")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--noise", required=True, choices=NOISE_NAMES)
+    p.add_argument("--level", type=float, default=DEFAULT_LEVEL, help="severity 0..1 (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("denoise", help="denoise an image / volume / DICOM series")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--saliency-dir", default=None, help="also write GB saliency of input and output here")
+    _add_model(p)
+    _add_device(p)
+    p.set_defaults(func=cmd_denoise)
+
+    p = sub.add_parser("saliency", help="Guided-Backprop saliency map of an image")
+    p.add_argument("input")
+    p.add_argument("output")
+    _add_model(p)
+    _add_device(p)
+    p.set_defaults(func=cmd_saliency)
+
+    p = sub.add_parser("train", help="train the restoration net and/or the denoiser")
+    p.add_argument("--data", required=True, action="append", help="folder or file of clean images (repeatable)")
+    p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("--stage", default="both", choices=["restoration", "denoiser", "both"])
+    p.add_argument("--loss", default="fp", choices=["fp", "mse"])
+    p.add_argument("--lam", type=float, default=1.0, help="weight of the FP term")
+    p.add_argument("--noise", nargs="+", default=["mix"], help="mix or noise names")
+    p.add_argument("--level-min", type=float, default=0.05)
+    p.add_argument("--level-max", type=float, default=1.0)
+    p.add_argument("--arch", default="unet", choices=["unet", "drunet"])
+    p.add_argument("--base-channels", type=int, default=16)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--max-channels", type=int, default=128)
+    p.add_argument("--steps", type=int, default=2000, help="denoiser steps")
+    p.add_argument("--restoration-steps", type=int, default=None, help="default: steps/2")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--patch-size", type=int, default=64)
+    p.add_argument("--bank-size", type=int, default=2048, help="fixed clean patches (GB cached per patch)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-every", type=int, default=200)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--init", default=None, help="checkpoint with the restoration net (stage denoiser) or weights to fine-tune")
+    p.add_argument("--max-slices-per-volume", type=int, default=64)
+    p.add_argument("--name", default=None)
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from --out")
+    p.add_argument("--progress-lines", action="store_true")
+    _add_device(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="simulate noise on the bundled sample, denoise it, write maps and a PNG panel")
+    p.add_argument("--input", default=None, help="clean image (default: bundled sample CT)")
+    p.add_argument("--out", default="demo_output")
+    p.add_argument("--noise", default="gaussian", choices=NOISE_NAMES)
+    p.add_argument("--level", type=float, default=DEFAULT_LEVEL)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None)
+    p.add_argument("--progress-lines", action="store_true")
+    _add_device(p)
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from .benchmark import add_benchmark_parser
+    except ImportError:
+        pass
+    else:
+        add_benchmark_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FPDenoiseError as err:
+        print(f"fpdenoise: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"fpdenoise: error: {err.filename}: not found", file=sys.stderr)
+        return 2
+    except PermissionError as err:
+        print(f"fpdenoise: error: {err.filename}: permission denied", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fpdenoise: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""Two-stage training (paper Fig. 1).
+
+Stage 1 ("restoration"): the restoration net ``f`` learns clean -> clean.
+Stage 2 ("denoiser"): the denoiser ``D`` learns noisy -> clean with
+``residual loss + lambda * ||GB_f(D(x~)) - GB_f(x)||^2`` (``loss="fp"``) or the residual loss
+alone (``loss="mse"``, the ablation twin: identical data, noise, seed, steps and schedule).
+
+Design choices:
+- Clean data is a fixed *bank* of patches cut once (seeded) from the training slices, so
+  ``GB_f(x)`` is computed once per patch after stage 1 and reused every step (f is frozen).
+  Fresh noise is drawn every step, so the noisy inputs never repeat.
+- All randomness of step ``s`` comes from ``numpy.random.default_rng([seed, rank, s])`` and
+  the batch order from a ``DistributedSampler`` keyed by ``(seed, epoch)``: training is a pure
+  function of (data, config, step), so ``--resume`` after a kill continues bit-identically on
+  CPU, and ranks under ``torchrun`` draw disjoint batches without sharing RNG state.
+- The checkpoint (atomic) is rewritten every ``ckpt_every`` steps with model, optimiser,
+  scheduler and step; it is a complete, usable model at every point.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import check_compatible, load_checkpoint, model_from_checkpoint, save_checkpoint
+from .device import pick_device
+from .errors import CheckpointError, InputError
+from .intensity import DEFAULT_POLICY
+from .losses import FPLoss
+from .models import build_model
+from .xai import guided_backprop
+
+STAGES = ("restoration", "denoiser", "both")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in the checkpoint's ``training`` entry).
+
+    Steps count optimiser updates; ``restoration_steps`` defaults to half of ``steps``.
+    ``lam`` weights the FP term; with the energy readout (see :mod:`FPDenoiseLib.xai`) GB maps
+    of a trained ``f`` are of the order of the image itself, and ``lam=1`` puts the FP term at
+    roughly the residual term's size at the start of stage 2 (see README "Training").
+    """
+
+    data: list[str] = field(default_factory=list)
+    out: str = "fpdenoise.pt"
+    stage: str = "both"
+    loss: str = "fp"
+    lam: float = 1.0
+    noises: list[str] = field(default_factory=lambda: ["mix"])
+    level_range: tuple[float, float] = (0.05, 1.0)
+    arch: str = "unet"
+    base_channels: int = 16
+    depth: int = 4
+    max_channels: int = 128
+    steps: int = 2000
+    restoration_steps: int | None = None
+    batch_size: int = 16
+    patch_size: int = 64
+    bank_size: int = 2048
+    val_size: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    val_every: int = 200
+    ckpt_every: int = 100
+    init: str | None = None  # checkpoint giving the restoration net (stage "denoiser") / start weights
+    max_slices_per_volume: int | None = 64
+    name: str | None = None
+    save_dtype: str = "float32"  # "float16" halves the shipped file
+
+    def model_config(self, role: str) -> dict:
+        if self.arch == "drunet" and role == "denoiser":
+            return {"arch": "drunet", "base_channels": self.base_channels, "blocks": 2, "noise_level_map": False, "residual": True}
+        return {
+            "arch": "unet",
+            "in_channels": 1,
+            "out_channels": 1,
+            "base_channels": self.base_channels,
+            "depth": self.depth,
+            "residual": role == "denoiser",
+            "max_channels": self.max_channels,
+        }
+
+
+# ---------------------------------------------------------------- distributed helpers
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join a ``torchrun`` process group when launched by it (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    return True
+
+
+# ---------------------------------------------------------------- data
+class _IndexDataset(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class BatchSchedule:
+    """Batch indices of step ``s`` as a pure function of ``s`` (DistributedSampler order)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        rank, world = _dist_info()
+        self.sampler = torch.utils.data.DistributedSampler(
+            _IndexDataset(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.batch_size = min(batch_size, len(self.sampler))
+        self.per_epoch = max(1, len(self.sampler) // self.batch_size)
+        self._epoch = -1
+        self._order: list[int] = []
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, pos = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._order, self._epoch = list(iter(self.sampler)), epoch
+        return np.asarray(self._order[pos * self.batch_size : (pos + 1) * self.batch_size])
+
+
+def _noise_fn(names: Sequence[str], level_range: tuple[float, float]) -> Callable:
+    from .noise import NOISE_NAMES, add_noise
+
+    pool = list(NOISE_NAMES) if (not names or list(names) == ["mix"]) else list(names)
+    unknown = [n for n in pool if n not in NOISE_NAMES]
+    if unknown:
+        raise InputError(f"unknown noise type(s) {unknown}; choose from: mix, {', '.join(NOISE_NAMES)}")
+
+    def apply(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        out = np.empty_like(batch)
+        for i in range(batch.shape[0]):
+            name = pool[int(rng.integers(len(pool)))]
+            level = float(rng.uniform(*level_range))
+            out[i, 0] = add_noise(batch[i, 0], name, level=level, seed=rng)
+        return out
+
+    return apply
+
+
+def build_bank(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Cut the fixed clean-patch bank and the validation images from ``cfg.data``.
+
+    Returns ``(bank (N,1,P,P), val (V,1,S,S), sources)``; validation slices are held out from
+    the bank (every 8th slice) so validation PSNR measures generalisation to unseen slices.
+    """
+    from .data import FixedPatchSet, load_clean_slices
+
+    slices = load_clean_slices(cfg.data, max_slices_per_volume=cfg.max_slices_per_volume, seed=cfg.seed)
+    if len(slices) >= 4:
+        val_slices = slices[::8]
+        train_slices = [s for i, s in enumerate(slices) if i % 8]
+    else:
+        val_slices, train_slices = slices, slices
+    bank = FixedPatchSet(train_slices, n_patches=cfg.bank_size, patch_size=cfg.patch_size, seed=cfg.seed).patches
+    vsize = max(cfg.patch_size, 128)
+    val = FixedPatchSet(val_slices, n_patches=cfg.val_size, patch_size=vsize, seed=cfg.seed + 1).patches
+    sources = sorted({s.source for s in slices})
+    return bank.astype(np.float32), val.astype(np.float32), sources
+
+
+# ---------------------------------------------------------------- loop
+class Progress:
+    """tqdm bar on stderr, or ``PROGRESS done total message`` lines on stdout (for GUIs)."""
+
+    def __init__(self, total: int, desc: str, lines: bool, enabled: bool = True) -> None:
+        self.lines, self.total, self.desc = lines, total, desc
+        self.bar = None
+        if enabled and not lines:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+        self.enabled = enabled
+
+    def update(self, done: int, msg: str = "") -> None:
+        if not self.enabled:
+            return
+        if self.lines:
+            print(f"PROGRESS {done} {self.total} {self.desc}: {msg}", flush=True)
+        elif self.bar is not None:
+            self.bar.n = done
+            self.bar.set_postfix_str(msg, refresh=False)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _validate(model: nn.Module, val: np.ndarray, noise: Callable, seed: int, device: torch.device) -> dict:
+    from .metrics import psnr, ssim
+
+    rng = np.random.default_rng([seed, 10_000_019])
+    noisy = noise(val, rng)
+    model.eval()
+    with torch.inference_mode():
+        den = model(torch.from_numpy(noisy).to(device)).cpu().numpy()
+    model.train()
+    ps, ss, ps0 = [], [], []
+    for c, n, d in zip(val[:, 0], noisy[:, 0], den[:, 0], strict=True):
+        rng_ = max(float(c.max() - c.min()), 1e-6)
+        ps.append(min(psnr(c, d, data_range=rng_), 100.0))
+        ps0.append(min(psnr(c, n, data_range=rng_), 100.0))
+        ss.append(ssim(c, d, data_range=rng_))
+    return {"psnr": float(np.mean(ps)), "ssim": float(np.mean(ss)), "psnr_noisy": float(np.mean(ps0))}
+
+
+def _run_stage(
+    role: str,
+    model: nn.Module,
+    cfg: TrainConfig,
+    steps: int,
+    step_fn: Callable[[np.ndarray, np.random.Generator], torch.Tensor],
+    n_bank: int,
+    save: Callable[[int, dict], None],
+    resume_state: dict | None,
+    device: torch.device,
+    validate: Callable[[], dict] | None,
+    progress_lines: bool,
+    history: list,
+) -> None:
+    rank, world = _dist_info()
+    wrapped = model
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=cfg.lr * 0.02)
+    start = 0
+    if resume_state is not None and resume_state.get("stage") == role:
+        opt.load_state_dict(resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        start = int(resume_state["step"])
+    sch = BatchSchedule(n_bank, cfg.batch_size, cfg.seed)
+    bar = Progress(steps, role, progress_lines, enabled=rank == 0)
+    bar.update(start)
+    t0 = time.time()
+    model.train()
+    for step in range(start, steps):
+        rng = np.random.default_rng([cfg.seed, rank, step, 1 if role == "denoiser" else 0])
+        idx = sch.indices(step)
+        loss, parts = step_fn(idx, rng, wrapped)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        done = step + 1
+        if not math.isfinite(parts["total"]):
+            raise FloatingPointError(f"{role} loss became {parts['total']} at step {done}; lower --lr")
+        msg = " ".join(f"{k}={v:.3g}" for k, v in parts.items())
+        if validate is not None and (done % cfg.val_every == 0 or done == steps):
+            v = validate()
+            history.append({"stage": role, "step": done, **v, **parts})
+            msg += f" val_psnr={v['psnr']:.2f} (noisy {v['psnr_noisy']:.2f}) val_ssim={v['ssim']:.3f}"
+            if progress_lines and rank == 0:
+                print(f"VAL {role} step={done} psnr={v['psnr']:.3f} ssim={v['ssim']:.4f}", flush=True)
+        bar.update(done, msg)
+        if rank == 0 and (done % cfg.ckpt_every == 0 or done == steps):
+            save(done, {"stage": role, "step": done, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+    bar.close()
+    if rank == 0:
+        print(f"{role}: {steps - start} steps in {time.time() - t0:.1f}s", file=sys.stderr)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = False) -> Path:
+    """Run the configured stage(s) and write ``cfg.out``; returns its path.
+
+    ``resume=True`` continues from ``cfg.out`` if it holds a resume state of the same config
+    (after a crash or kill); otherwise training starts from scratch and overwrites ``cfg.out``.
+    """
+    if cfg.stage not in STAGES:
+        raise InputError(f"unknown stage {cfg.stage!r}; choose from {', '.join(STAGES)}")
+    if cfg.loss not in ("fp", "mse"):
+        raise InputError(f"unknown loss {cfg.loss!r}; choose fp or mse")
+    if not cfg.data:
+        raise InputError("no training data given (--data DIR)")
+    device = pick_device(cfg.device)
+    distributed = init_distributed(device)
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    rank, _world = _dist_info()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    restoration_steps = cfg.restoration_steps if cfg.restoration_steps is not None else cfg.steps // 2
+    normalization = {k: list(v) for k, v in DEFAULT_POLICY.items()}
+    info = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    info.update(version=__version__, name=cfg.name or out.stem, completed=False, restoration_steps=restoration_steps)
+
+    state = None
+    prior = None
+    if resume and out.exists():
+        prior = load_checkpoint(out)
+        state = prior.get("resume")
+        if state is None and prior.get("training", {}).get("completed"):
+            print(f"{out}: training already completed; nothing to resume", file=sys.stderr)
+            return out
+        check_compatible(
+            prior,
+            configs={r: cfg.model_config(r) for r in prior.get("models", {})},
+            normalization=normalization,
+        )
+    init = load_checkpoint(cfg.init) if cfg.init else None
+
+    # Networks
+    f = model_from_checkpoint(prior, "restoration") if prior and "restoration" in prior["models"] else None
+    if f is None and init is not None and "restoration" in init["models"] and cfg.stage == "denoiser":
+        f = model_from_checkpoint(init, "restoration")
+    if f is None:
+        if cfg.stage == "denoiser" and cfg.loss == "fp":
+            raise CheckpointError("stage 'denoiser' with the FP loss needs a restoration net: pass --init CKPT")
+        torch.manual_seed(cfg.seed)
+        f = build_model(cfg.model_config("restoration"))
+    f = f.to(device)
+    d_prior = prior if (prior and "denoiser" in prior["models"]) else None
+    if d_prior is not None:
+        D = model_from_checkpoint(d_prior, "denoiser")
+    elif init is not None and "denoiser" in init["models"] and init["models"]["denoiser"]["config"] == cfg.model_config("denoiser"):
+        D = model_from_checkpoint(init, "denoiser")  # fine-tuning
+    else:
+        torch.manual_seed(cfg.seed + 1)
+        D = build_model(cfg.model_config("denoiser"))
+    D = D.to(device)
+    history: list = list((prior or {}).get("training", {}).get("history", []))
+
+    bank_np, val_np, sources = build_bank(cfg)
+    info["data_sources"] = sources
+    bank = torch.from_numpy(bank_np).to(device)
+    noise = _noise_fn(cfg.noises, tuple(cfg.level_range))
+    save_dtype = torch.float16 if cfg.save_dtype == "float16" else None
+
+    def saver(models: dict[str, nn.Module]) -> Callable[[int, dict], None]:
+        def save(step: int, resume_state: dict) -> None:
+            info["history"] = history
+            save_checkpoint(out, models, normalization=normalization, training=info, resume=resume_state)
+
+        return save
+
+    # Stage 1: restoration net, clean -> clean.
+    run_restoration = cfg.stage in ("restoration", "both") and not (state and state.get("stage") == "denoiser")
+    if run_restoration and restoration_steps > 0:
+
+        def step_rest(idx: np.ndarray, rng: np.random.Generator, net: nn.Module):
+            x = bank[torch.from_numpy(idx).to(device)]
+            loss = (net(x) - x).pow(2).mean()
+            return loss, {"total": float(loss.detach())}
+
+        _run_stage("restoration", f, cfg, restoration_steps, step_rest, len(bank), saver({"restoration": f}),
+                   state, device, None, progress_lines, history)
+        state = None
+
+    # Stage 2: denoiser with frozen f.
+    if cfg.stage in ("denoiser", "both"):
+        gb_bank = None
+        gb_scale = 1.0
+        if cfg.loss == "fp":
+            # GB(clean) is fixed for a fixed f: computed once here, indexed every step.
+            gb_bank = torch.cat([guided_backprop(f, bank[i : i + 64]) for i in range(0, len(bank), 64)])
+            gb_scale = float(gb_bank.pow(2).mean().clamp_min(1e-30))
+        info["gb_scale"] = gb_scale
+        loss_fn = FPLoss(f if cfg.loss == "fp" else None, lam=cfg.lam, mode=cfg.loss, gb_scale=gb_scale)
+
+        def step_den(idx: np.ndarray, rng: np.random.Generator, net: nn.Module):
+            ti = torch.from_numpy(idx).to(device)
+            clean = bank[ti]
+            noisy = torch.from_numpy(noise(bank_np[idx], rng)).to(device)
+            return loss_fn(net(noisy), noisy, clean, None if gb_bank is None else gb_bank[ti])
+
+        models = {"denoiser": D, "restoration": f}
+        _run_stage("denoiser", D, cfg, cfg.steps, step_den, len(bank), saver(models), state, device,
+                   lambda: _validate(D, val_np, noise, cfg.seed, device), progress_lines, history)
+        final_models = models
+    else:
+        final_models = {"restoration": f}
+    if rank == 0:
+        info["completed"] = True
+        info["history"] = history
+        save_checkpoint(out, final_models, normalization=normalization, training=info, dtype=save_dtype)
+    if distributed:
+        torch.distributed.barrier()
+    return out
+
