@@ -65,6 +65,7 @@ __all__ = [
     "PSNR_CAP_DB",
     "RESULT_FIELDS",
     "add_benchmark_parser",
+    "export_protocol",
     "make_noisy",
     "original_units",
     "read_results",
@@ -260,6 +261,46 @@ def load_benchmark_images(
     if not out:
         raise InputError(f"{data}: no benchmark slices found")
     return out
+
+
+def export_protocol(
+    dataset_dir: str | os.PathLike,
+    layout: str,
+    out_dir: str | os.PathLike,
+    *,
+    n_train: int = 5000,
+    n_test: int = 500,
+    size: int = 256,
+    seed: int = 0,
+    policy: dict | None = None,
+) -> tuple[int, int]:
+    """Write the paper protocol's slices as 2D NRRD files: ``out_dir/train`` and ``out_dir/test``.
+
+    The slices are :func:`FPDenoiseLib.data.paper_protocol_slices` (patient-level split, resized to
+    ``size``), stored in original units (HU for CT) with their modality, one file per slice named
+    ``<patient>__<source>__z<slice>.nrrd``. ``fpdenoise train --data OUT/train
+    --max-slices-per-volume 1`` then trains on the training side and ``fpdenoise benchmark --data
+    OUT/test --max-images 0`` scores the test side: no patient is in both. Returns
+    ``(n_train_written, n_test_written)``.
+    """
+    from . import data as fdata
+    from .io import Image, write_image
+
+    train, test = fdata.paper_protocol_slices(
+        dataset_dir, layout, n_train=n_train, n_test=n_test, size=size, seed=seed, policy=policy
+    )
+    counts = []
+    for side, slices in (("train", train), ("test", test)):
+        folder = Path(out_dir) / side
+        folder.mkdir(parents=True, exist_ok=True)
+        for s in slices:
+            arr = s.normalizer.inverse(s.array) if s.normalizer is not None else s.array
+            stem = Path(s.source).name.split(".")[0]
+            name = f"{s.patient or 'p'}__{stem}__z{s.index:04d}.nrrd".replace(os.sep, "_")
+            write_image(Image(np.asarray(arr, np.float32)[None], modality=s.modality, is_2d=True,
+                              source=s.source), folder / name)
+        counts.append(len(slices))
+    return counts[0], counts[1]
 
 
 # ---------------------------------------------------------------- methods
@@ -771,7 +812,7 @@ def add_benchmark_parser(subparsers: Any) -> argparse.ArgumentParser:
         "method on the same noisy inputs; writes results.csv, summary.md, figures and run.json to --out.",
     )
     p.add_argument("--data", required=True, help="folder of clean images/volumes (or a dataset with --protocol)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (with --export-protocol: where train/ and test/ go)")
     p.add_argument("--model", default=None, help="checkpoint of ours (default: the shipped model)")
     p.add_argument("--baseline-model", action="append", default=[], metavar="[NAME=]CKPT",
                    help="learned baseline checkpoint, e.g. mse_only=mse.pt or drunet=drunet.pt (repeatable)")
@@ -792,12 +833,22 @@ def add_benchmark_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--protocol-train", type=int, default=5000, help="protocol: training slices drawn (default 5000)")
     p.add_argument("--protocol-test", type=int, default=500, help="protocol: test slices drawn (default 500)")
     p.add_argument("--size", type=int, default=256, help="protocol: slices resized to SIZE x SIZE (default 256)")
+    p.add_argument("--export-protocol", action="store_true",
+                   help="with --protocol: only write the split as NRRD slices to OUT/train and OUT/test (for train) and exit")
     p.set_defaults(func=run_benchmark_cli)
     return p
 
 
 def run_benchmark_cli(args: argparse.Namespace) -> int:
-    """Run ``fpdenoise benchmark`` from parsed arguments; prints the summary table path. Returns 0."""
+    """Run ``fpdenoise benchmark`` from parsed arguments; prints the summary table. Returns 0."""
+    if args.export_protocol:
+        if not args.protocol:
+            raise InputError("--export-protocol needs --protocol lidc|rsna|lits")
+        n_tr, n_te = export_protocol(args.data, args.protocol, args.out, n_train=args.protocol_train,
+                                     n_test=args.protocol_test, size=args.size, seed=args.seed)
+        print(f"wrote {n_tr} training slices to {Path(args.out) / 'train'} and {n_te} test slices to "
+              f"{Path(args.out) / 'test'}")
+        return 0
     summary = run_benchmark(
         args.data, args.out, model=args.model, baseline_models=args.baseline_model, noises=args.noises,
         methods=args.methods, levels=args.levels, max_images=(args.max_images or None), seed=args.seed,

@@ -199,6 +199,19 @@ def test_protocol_wiring_lits(setup, tmp_path):
     assert {r["height"] for r in rows} == {48}
     assert not {Path(s.source).name for s in train} & {Path(r["source"]).name for r in rows}
 
+    # --export-protocol writes the same split as files that `train` / `benchmark` read back
+    exp = tmp_path / "split"
+    assert cli_main(["benchmark", "--data", str(ds), "--out", str(exp), "--protocol", "lits", "--protocol-train", "4",
+                     "--protocol-test", "2", "--size", "48", "--seed", "3", "--export-protocol"]) == 0
+    tr_files, te_files = sorted((exp / "train").glob("*.nrrd")), sorted((exp / "test").glob("*.nrrd"))
+    assert (len(tr_files), len(te_files)) == (len(train), len(test))
+    patients = [{f.name.split("__")[0] for f in fs} for fs in (tr_files, te_files)]
+    assert patients[0] and patients[1] and not patients[0] & patients[1]
+    back = load_benchmark_images(exp / "test", max_images=None)
+    assert all(im.modality == "CT" and im.normalizer.lo == -1024.0 for im in back)
+    want = sorted(float(s.array.sum()) for s in test)
+    assert sorted(float(im.clean.sum()) for im in back) == pytest.approx(want, rel=1e-5)
+
 
 def test_bad_inputs(setup, tmp_path):
     with pytest.raises(InputError, match="unknown"):
