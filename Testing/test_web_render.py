@@ -1,0 +1,199 @@
+"""Browserless rendering tests of the web viewer's slice views (trame-slicer, no server, no browser).
+
+The views are real trame-slicer ``SliceView``s rendered offscreen by VTK (Mesa EGL/llvmpipe without a
+GPU) over the Slicer module's Logic; denoising is the real background worker process. Pixels are
+mapped back to voxels with the slice node's XY-to-RAS matrix, so the checks say *where* colours are.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+slicer = pytest.importorskip("slicer", reason="slicer-core not installed (pip install 'fpdenoise[web]')")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+pytest.importorskip("trame_slicer", reason="trame-slicer not installed (pip install 'fpdenoise[web]')")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import SimpleITK as sitk  # noqa: E402
+from scipy.ndimage import maximum_filter, minimum_filter  # noqa: E402
+
+from FPDenoiseLib.errors import InputError, OutputError  # noqa: E402
+from FPDenoiseWeb.viewer import ViewerSession, resolve_under  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The shipped default model when present, else a tiny real checkpoint made with the library."""
+    from FPDenoiseLib.inference import default_model_path
+
+    if default_model_path().is_file():
+        return default_model_path()
+    import torch
+
+    from FPDenoiseLib.checkpoint import save_checkpoint
+    from FPDenoiseLib.intensity import DEFAULT_POLICY
+    from FPDenoiseLib.models import UNet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    models = {
+        "denoiser": UNet(base_channels=4, depth=2, residual=True),
+        "restoration": UNet(base_channels=4, depth=2, residual=False),
+    }
+    return save_checkpoint(path, models, normalization=DEFAULT_POLICY, training={"name": "tiny-test"})
+
+
+def _is_heat(rgb: np.ndarray) -> np.ndarray:
+    """Pixels with a warm hue (overlay): red clearly above blue; the CT underneath is grey (R = G = B)."""
+    rgb = rgb.astype(int)
+    return (rgb[..., 0] - rgb[..., 2]) > 40
+
+
+def _voxel_at_pixels(session: ViewerSession, view_name: str, volume_node, shape) -> np.ndarray:
+    """(h, w, 3) integer (k, j, i) voxel index shown at each pixel of the view (-1 outside the volume)."""
+    import vtk
+
+    view = session.view(view_name)
+    w, h = view.render_window().GetSize()
+    xy_to_ras = vtk.vtkMatrix4x4()
+    xy_to_ras.DeepCopy(view.get_view_node().GetXYToRAS())
+    ras_to_ijk = vtk.vtkMatrix4x4()
+    volume_node.GetRASToIJKMatrix(ras_to_ijk)
+    m = np.array([[ras_to_ijk.GetElement(r, c) for c in range(4)] for r in range(4)]) @ np.array(
+        [[xy_to_ras.GetElement(r, c) for c in range(4)] for r in range(4)]
+    )
+    ys, xs = np.mgrid[0:h, 0:w]
+    # VTK's XY origin is the bottom-left pixel; captured images have the top row first.
+    pts = np.stack([xs.ravel() + 0.5, (h - 1 - ys).ravel() + 0.5, np.zeros(xs.size), np.ones(xs.size)])
+    ijk = np.rint((m @ pts)[:3].T).astype(int).reshape(h, w, 3)
+    kji = ijk[..., ::-1]
+    inside = np.all((kji >= 0) & (kji < np.asarray(shape)), axis=-1)
+    kji[~inside] = -1
+    return kji
+
+
+@pytest.fixture()
+def session(tmp_path, checkpoint):
+    data = tmp_path / "data"
+    data.mkdir()
+    s = ViewerSession(data_root=data, output_dir=tmp_path / "out", model=checkpoint, device="cpu",
+                      offscreen_views=True, view_size=(240, 240))
+    yield s
+    s.close()
+
+
+def test_overlay_follows_saliency_threshold_in_right_view(session, tmp_path):
+    session.load_sample()
+    session.start_denoise()
+    assert session.status.state == "running"
+    status = session.wait_denoise(timeout=300)
+    assert status.state == "done", status.message
+    res = session.result
+    sal_node = res["outputSaliencyNode"]
+    assert -1.0 <= session.scores.fp_score <= 1.0
+    # The worker's scratch folder is gone and nothing else was written.
+    assert list((tmp_path / "out").iterdir()) == []
+
+    session.set_opacity(1.0)
+    for fraction in (0.1, 0.3):
+        session.set_threshold(fraction)
+        display = sal_node.GetDisplayNode()
+        lower = display.GetLowerThreshold()
+        assert lower == pytest.approx(fraction * display.GetWindowLevelMax())
+        rgb = session.capture("Yellow")
+        sal = slicer.util.arrayFromVolume(sal_node)
+        kji = _voxel_at_pixels(session, "Yellow", sal_node, sal.shape)
+        inside = kji[..., 0] >= 0
+        assert inside.mean() > 0.3, "the volume should fill the view"
+        # A pixel may straddle a voxel boundary: judge it by its 3x3 in-plane neighbourhood, with margins.
+        sal_min = minimum_filter(sal, size=(1, 3, 3))
+        sal_max = maximum_filter(sal, size=(1, 3, 3))
+        at = (kji[..., 0], kji[..., 1], kji[..., 2])
+        heat = _is_heat(rgb)
+        high = inside & (sal_min[at] > 1.2 * lower)
+        low = inside & (sal_max[at] < 0.8 * lower)
+        assert high.sum() > 50 and low.sum() > 50, (high.sum(), low.sum())
+        assert heat[high].mean() > 0.9, f"overlay missing where saliency is high: {heat[high].mean():.3f}"
+        assert heat[low].mean() < 0.05, f"overlay drawn below the threshold: {heat[low].mean():.3f}"
+
+    # Left view: input + its saliency, same colour map; opacity 0 removes every overlay pixel.
+    assert _is_heat(session.capture("Red")).mean() > 0.005
+    session.set_opacity(0.0)
+    assert _is_heat(session.capture("Yellow")).mean() < 0.001
+    assert _is_heat(session.capture("Red")).mean() < 0.001
+
+    # Linked views: scrolling the left view moves the right one to the same slice.
+    n = session.slice_count()
+    assert n == slicer.util.arrayFromVolume(session.input_node).shape[0]
+    session.set_slice_index(1)
+    assert session.slice_index() == 1
+    red, yellow = session.view("Red"), session.view("Yellow")
+    assert yellow.get_slice_value() == pytest.approx(red.get_slice_value())
+
+    saved = session.save("../../escape")
+    assert [p.parent for p in saved] == [tmp_path / "out"] * 3
+    assert sorted(p.name for p in saved) == ["escape_denoised.nrrd", "escape_denoised_saliency.nrrd", "escape_saliency.nrrd"]
+
+
+def test_lps_volume_orientation(session, tmp_path):
+    """A voxel at the patient's right-anterior corner appears top-left in axial views, as in Slicer
+    (radiological convention), for a volume stored with a flipped, non-identity LPS direction."""
+    shape = (3, 40, 50)  # z, y, x
+    a = np.zeros(shape, np.int16)
+    img = sitk.GetImageFromArray(a)
+    img.SetSpacing((1.0, 1.2, 2.0))
+    img.SetOrigin((20.0, 10.0, -5.0))
+    img.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))  # i -> patient right, j -> anterior
+    # Patient right-anterior = most negative L and P coordinates (LPS): the largest i and j here.
+    corner = {}
+    for i in range(shape[2]):
+        for j in range(shape[1]):
+            x, y, _ = img.TransformIndexToPhysicalPoint((i, j, 1))
+            corner[(i, j)] = (x, y)
+    i_ra, j_ra = min(corner, key=lambda ij: corner[ij][0] + corner[ij][1])
+    assert (i_ra, j_ra) == (shape[2] - 1, shape[1] - 1)
+    arr = np.full(shape, 0, np.int16)
+    arr[:, j_ra - 9 : j_ra + 1, i_ra - 9 : i_ra + 1] = 1000  # bright 10x10 block at that corner
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(img)
+    path = tmp_path / "data" / "lps.nrrd"
+    sitk.WriteImage(out, str(path))
+
+    session.load("lps.nrrd")
+    session.set_window_preset("ct_bone")
+    rgb = session.capture("Red").astype(int)
+    bright = rgb.sum(axis=-1) > 600
+    ys, xs = np.nonzero(bright)
+    assert bright.sum() > 50
+    h, w = bright.shape
+    assert xs.mean() < w / 2 and ys.mean() < h / 2, (xs.mean(), ys.mean())  # top-left: right-anterior
+    # Neither flipped copy is drawn at the other corners.
+    assert not bright[h // 2 :, :].any() and not bright[:, w // 2 :].any()
+
+
+def test_paths_outside_data_root_are_refused(session, tmp_path):
+    outside = tmp_path / "secret.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 4, 4), np.int16)), str(outside))
+    for bad in ("../secret.nrrd", str(outside), "sub/../../secret.nrrd"):
+        with pytest.raises(InputError, match="outside the data root"):
+            session.load(bad)
+    link = tmp_path / "data" / "link.nrrd"
+    link.symlink_to(outside)
+    with pytest.raises(InputError, match="outside the data root"):
+        session.load("link.nrrd")
+    with pytest.raises(InputError, match="not found"):
+        session.load("missing.nrrd")
+    with pytest.raises(OutputError, match="Denoise first"):
+        session.save()
+    with pytest.raises(InputError, match="window preset"):
+        session.set_window_preset("brain")
+    assert resolve_under(tmp_path, ".") == tmp_path.resolve()
