@@ -1,0 +1,196 @@
+"""``fpdenoise denoise`` end to end on real DICOM: derived series out, saliency series, and the
+batch/PACS mode (many series, nested folders, junk beside them, resumable, ``--series``).
+
+The CLI runs in-process (``cli.main([...])``); the model is a tiny real checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+from io_helpers import read_dicom_dir, tree_hash, write_ct_series
+
+from FPDenoiseLib.checkpoint import save_checkpoint
+from FPDenoiseLib.cli import main, series_output_name
+from FPDenoiseLib.inference import Denoiser
+from FPDenoiseLib.intensity import DEFAULT_POLICY
+from FPDenoiseLib.io import find_series, read_image
+from FPDenoiseLib.models import UNet
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    models = {"denoiser": UNet(base_channels=4, depth=2, residual=True),
+              "restoration": UNet(base_channels=4, depth=2, residual=False)}
+    with torch.no_grad():  # the residual U-Net starts as identity: perturb it so outputs differ
+        for p in models["denoiser"].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", models, normalization=DEFAULT_POLICY,
+                           training={"name": "tiny-test"})
+
+
+def sitk_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_dicom_series_in_derived_series_out(tmp_path, ckpt, capsys):
+    hu, g = write_ct_series(tmp_path / "ct", nz=4, ny=32, nx=32)
+    before = tree_hash(tmp_path / "ct")
+    out, sal = tmp_path / "den", tmp_path / "sal"
+    rc, stdout, err = _run(capsys, "denoise", tmp_path / "ct", out, "--model", ckpt, "--device", "cpu",
+                           "--saliency-dir", sal, "--progress-lines")
+    assert rc == 0, err
+    assert tree_hash(tmp_path / "ct") == before  # input untouched
+
+    src = read_dicom_dir(tmp_path / "ct")
+    dst = read_dicom_dir(out)
+    assert len(dst) == len(src) == 4
+    src_sops = {str(d.SOPInstanceUID) for d in src}
+    uids = {str(d.SeriesInstanceUID) for d in dst}
+    assert len(uids) == 1 and uids.isdisjoint({g["series_uid"]})
+    assert len({str(d.SOPInstanceUID) for d in dst}) == 4 and src_sops.isdisjoint(str(d.SOPInstanceUID) for d in dst)
+    for d in dst:
+        assert str(d.StudyInstanceUID) == g["study_uid"]
+        assert str(d.PatientID) == "PID123" and str(d.PatientName) == "Test^Phantom"
+        assert list(d.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        assert "denoised" in d.SeriesDescription and "tiny-test" in d.SeriesDescription
+        assert "tiny-test" in d.DerivationDescription
+        assert str(d.FrameOfReferenceUID) == str(src[0].FrameOfReferenceUID)
+
+    # HU survive: exactly what the library's Denoiser gives for the input array
+    expected = Denoiser(ckpt, device="cpu").denoise_array(read_image(tmp_path / "ct").array, modality="CT")
+    back = read_image(out)
+    assert back.array.dtype == expected.dtype
+    np.testing.assert_array_equal(back.array, expected)
+    assert not np.array_equal(expected, hu)  # the model did change the image
+    # geometry identical, read back by SimpleITK (GDCM) independently of our reader
+    s_in, s_out = sitk_series(tmp_path / "ct"), sitk_series(out)
+    for get in ("GetSpacing", "GetOrigin", "GetDirection"):
+        np.testing.assert_allclose(getattr(s_out, get)(), getattr(s_in, get)(), atol=1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(s_out), expected)
+
+    # saliency: two more derived series of the same study, each with its own series UID
+    sal_dirs = sorted(p for p in sal.iterdir())
+    assert [p.name for p in sal_dirs] == ["den_saliency_denoised", "den_saliency_input"]
+    sal_uids = set()
+    for p in sal_dirs:
+        ds = read_dicom_dir(p)
+        assert len(ds) == 4 and {str(d.StudyInstanceUID) for d in ds} == {g["study_uid"]}
+        assert "saliency" in ds[0].SeriesDescription
+        sal_uids |= {str(d.SeriesInstanceUID) for d in ds}
+    assert len(sal_uids) == 2 and sal_uids.isdisjoint(uids | {g["series_uid"]})
+    assert str(out) in stdout
+
+
+def test_saliency_as_nrrd(tmp_path, ckpt, capsys):
+    write_ct_series(tmp_path / "ct", nz=3, ny=24, nx=24)
+    rc, _, err = _run(capsys, "denoise", tmp_path / "ct", tmp_path / "den", "--model", ckpt, "--device", "cpu",
+                      "--saliency-dir", tmp_path / "sal", "--saliency-format", "nrrd", "--progress-lines")
+    assert rc == 0, err
+    names = sorted(p.name for p in (tmp_path / "sal").iterdir())
+    assert names == ["den_saliency_denoised.nrrd", "den_saliency_input.nrrd"]
+    s = read_image(tmp_path / "sal" / "den_saliency_input.nrrd")
+    ref = read_image(tmp_path / "ct")
+    assert s.array.shape == ref.array.shape and s.array.dtype == np.float32
+    np.testing.assert_allclose(s.origin, ref.origin, atol=1e-4)
+    np.testing.assert_allclose(s.direction, ref.direction, atol=1e-6)
+
+
+def _pacs(root: Path) -> dict:
+    """A PACS export: nested series, two series mixed in one folder, junk files, a volume file,
+    and one broken series (truncated slice)."""
+    _, g1 = write_ct_series(root / "PAT1" / "STUDY1" / "SER1", nz=3, ny=24, nx=24, seed=1)
+    _, g2 = write_ct_series(root / "mixed", nz=2, ny=24, nx=24, seed=2, prefix="A")
+    _, g3 = write_ct_series(root / "mixed", nz=3, ny=24, nx=24, seed=3, prefix="B")
+    _, gb = write_ct_series(root / "broken", nz=3, ny=24, nx=24, seed=4)
+    bad = sorted((root / "broken").iterdir())[1]
+    bad.write_bytes(bad.read_bytes()[:-500])
+    (root / "README.txt").write_text("export notes")
+    (root / "mixed" / "report.pdf").write_bytes(b"%PDF-1.4 not an image")
+    (root / "vols").mkdir()
+    vol = sitk.GetImageFromArray(np.random.default_rng(5).integers(-1000, 1000, (2, 24, 24)).astype(np.int16))
+    vol.SetSpacing((0.5, 0.5, 2.0))
+    sitk.WriteImage(vol, str(root / "vols" / "extra.nrrd"))
+    return {"good": [g1["series_uid"], g2["series_uid"], g3["series_uid"]], "bad": gb["series_uid"]}
+
+
+def test_batch_pacs_export_resumable(tmp_path, ckpt, capsys):
+    root = tmp_path / "pacs"
+    uids = _pacs(root)
+    before = tree_hash(root)
+    out = root / "denoised"  # inside the input tree: must not be picked up as input on re-runs
+    args = ["denoise", root, out, "--model", ckpt, "--device", "cpu", "--progress-lines"]
+    rc, stdout, err = _run(capsys, *args)
+    assert rc == 1, err  # one series is broken -> non-zero, but every other one was done
+    assert "summary: 4 done, 0 skipped, 1 failed (of 5" in err, err
+    assert f"failed: series {uids['bad']}" in err and "truncated" in err
+    names = {series_output_name(s): s.uid for s in find_series(root) if s.uid in uids["good"]}
+    assert len(names) == 3
+    got = sorted(p.name for p in out.iterdir())
+    assert got == sorted([*names, "vols_extra.nrrd"])
+    for name, uid in names.items():
+        ds = read_dicom_dir(out / name)
+        src = read_image(root, series_uid=uid)
+        assert len(ds) == src.array.shape[0] and all(str(d.SeriesInstanceUID) != uid for d in ds)
+        assert name.startswith("PID123_3_")
+    assert read_image(out / "vols_extra.nrrd").array.shape == (2, 24, 24)
+    after = tree_hash(root)
+    assert {k: v for k, v in after.items() if "/denoised/" not in k} == before  # inputs untouched
+
+    # re-run: everything done is skipped (resumable), the broken series fails again
+    rc, _, err = _run(capsys, *args)
+    assert rc == 1 and "summary: 0 done, 4 skipped, 1 failed (of 5" in err, err
+    # a half-finished run: only the missing output is redone
+    shutil.rmtree(out / sorted(names)[0])
+    rc, _, err = _run(capsys, *args)
+    assert "summary: 1 done, 3 skipped, 1 failed" in err, err
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_batch_series_filter_and_unknown_uid(tmp_path, ckpt, capsys):
+    root = tmp_path / "pacs"
+    uids = _pacs(root)
+    want = uids["good"][1]
+    rc, _, err = _run(capsys, "denoise", root, tmp_path / "one", "--series", want, "--model", ckpt,
+                      "--device", "cpu", "--progress-lines")
+    assert rc == 0 and "summary: 1 done, 0 skipped, 0 failed (of 1" in err, err
+    (only,) = list((tmp_path / "one").iterdir())
+    ds = pydicom.dcmread(sorted(only.iterdir())[0])
+    assert str(ds.SeriesInstanceUID) != want and "denoised" in ds.SeriesDescription
+    assert len(list(only.iterdir())) == 2  # series A had 2 slices
+    # one chosen series into one file
+    rc, _, err = _run(capsys, "denoise", root, tmp_path / "one.nrrd", "--series", want, "--model", ckpt,
+                      "--device", "cpu", "--progress-lines")
+    assert rc == 0 and read_image(tmp_path / "one.nrrd").array.shape == (2, 24, 24), err
+    rc, _, err = _run(capsys, "denoise", root, tmp_path / "none", "--series", "1.2.3.4", "--model", ckpt,
+                      "--device", "cpu")
+    assert rc == 2 and err.count("\n") == 1 and "1.2.3.4" in err and not (tmp_path / "none").exists()
+
+
+def test_single_file_behaviour_unchanged(tmp_path, ckpt, capsys):
+    vol = sitk.GetImageFromArray(np.random.default_rng(6).integers(0, 3000, (2, 24, 24)).astype(np.int16))
+    sitk.WriteImage(vol, str(tmp_path / "v.nrrd"))
+    rc, stdout, err = _run(capsys, "denoise", tmp_path / "v.nrrd", tmp_path / "o.nrrd", "--model", ckpt,
+                           "--device", "cpu", "--progress-lines")
+    assert rc == 0, err
+    assert stdout.strip().splitlines()[-1] == str(tmp_path / "o.nrrd")
+    img = read_image(tmp_path / "v.nrrd")
+    np.testing.assert_array_equal(read_image(tmp_path / "o.nrrd").array,
+                                  Denoiser(ckpt, device="cpu").denoise_array(img.array, modality=img.modality))
