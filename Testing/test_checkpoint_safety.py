@@ -1,0 +1,186 @@
+"""Untrusted checkpoints: executable pickles refused (and never run), altered bytes refused,
+architecture / normalisation mismatches refused with a message naming what differs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from io_helpers import tree_hash
+
+from FPDenoiseLib.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from FPDenoiseLib.cli import main
+from FPDenoiseLib.errors import CheckpointError
+from FPDenoiseLib.inference import Denoiser
+from FPDenoiseLib.intensity import DEFAULT_POLICY
+from FPDenoiseLib.models import UNet
+from FPDenoiseLib.training import TrainConfig
+
+torch.set_num_threads(1)
+
+
+class Payload:
+    """Unpickling this runs ``os.system`` (creates ``marker``)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _good(path: Path, base: int = 4) -> Path:
+    torch.manual_seed(0)
+    models = {"denoiser": UNet(base_channels=base, depth=2, residual=True),
+              "restoration": UNet(base_channels=base, depth=2, residual=False)}
+    return save_checkpoint(path, models, normalization=DEFAULT_POLICY, training={"name": "t"})
+
+
+def evil_torch_file(d: Path, marker: Path) -> Path:
+    """A torch.save'd dict that looks like a checkpoint but carries the payload."""
+    p = d / "evil.pt"
+    ck = torch.load(_good(d / "g.pt"), weights_only=True)
+    ck["training"] = {"name": Payload(marker)}
+    torch.save(ck, p)
+    return p
+
+
+def evil_plain_pickle(d: Path, marker: Path) -> Path:
+    """A legacy (non-zip) pickle file with the payload at the top level."""
+    p = d / "evil_legacy.pt"
+    with open(p, "wb") as fh:
+        pickle.dump({"format": "fpdenoise-checkpoint/1", "x": Payload(marker)}, fh)
+    return p
+
+
+def evil_tensor_subclass(d: Path, marker: Path) -> Path:
+    """The payload hidden inside a model state_dict entry."""
+    p = d / "evil_sd.pt"
+    ck = torch.load(_good(d / "g.pt"), weights_only=True)
+    ck["models"]["denoiser"]["state_dict"]["evil"] = Payload(marker)
+    torch.save(ck, p)
+    return p
+
+
+@pytest.mark.parametrize("make", [evil_torch_file, evil_plain_pickle, evil_tensor_subclass])
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_executable_pickle_refused_and_not_run(tmp_path, make):
+    marker = tmp_path / "PWNED"
+    path = make(tmp_path, marker)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(path)
+    msg = str(ei.value)
+    assert str(path) in msg and "refused" in msg and "executable pickle" in msg and "\n" not in msg
+    assert not marker.exists(), "the pickle payload ran"
+    # same through the library entry point and the CLI
+    with pytest.raises(CheckpointError):
+        Denoiser(path, device="cpu")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 16, 16), np.int16)), str(tmp_path / "in.nrrd"))
+    rc = main(["denoise", str(tmp_path / "in.nrrd"), str(tmp_path / "out.nrrd"), "--model", str(path),
+               "--device", "cpu"])
+    assert rc == 2 and not (tmp_path / "out.nrrd").exists() and not marker.exists()
+
+
+def test_payload_really_runs_without_weights_only(tmp_path):
+    """Guard against a vacuous test: the crafted file does execute code under a plain unpickler."""
+    marker = tmp_path / "PWNED"
+    path = evil_plain_pickle(tmp_path, marker)
+    with open(path, "rb") as fh:
+        pickle.load(fh)
+    assert marker.exists()
+
+
+def _altered_tensor(d: Path) -> Path:
+    p = _good(d / "c.pt")
+    ck = torch.load(p, weights_only=True)
+    sd = ck["models"]["denoiser"]["state_dict"]
+    k = sorted(k for k, v in sd.items() if v.is_floating_point())[0]
+    sd[k].view(-1)[0] += 1e-3  # one weight nudged, stored hash kept
+    torch.save(ck, p)
+    return p
+
+
+def _altered_meta(d: Path) -> Path:
+    p = _good(d / "c.pt")
+    ck = torch.load(p, weights_only=True)
+    ck["normalization"]["ct_window"] = [-1000.0, 1000.0]
+    torch.save(ck, p)
+    return p
+
+
+def _flipped_byte_in_file(d: Path) -> Path:
+    """Flip bytes inside a stored tensor record of the zip (as a bad disk/transfer would)."""
+    p = _good(d / "c.pt")
+    with zipfile.ZipFile(p) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw = bytearray(p.read_bytes())
+    for j in range(16):
+        raw[offset + 64 + j] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    return p
+
+
+def _truncated(d: Path) -> Path:
+    p = _good(d / "c.pt")
+    p.write_bytes(p.read_bytes()[:2000])
+    return p
+
+
+def _foreign(d: Path) -> Path:
+    p = d / "plain_state_dict.pt"
+    torch.save(UNet(base_channels=4, depth=2).state_dict(), p)
+    return p
+
+
+@pytest.mark.parametrize("make,expect", [
+    (_altered_tensor, "content hash mismatch"),
+    (_altered_meta, "content hash mismatch"),
+    (_flipped_byte_in_file, ""),  # caught by the zip CRC or by the content hash: either way refused
+    (_truncated, "not a readable checkpoint"),
+    (_foreign, "not an FPDenoise checkpoint"),
+], ids=["tensor", "normalization", "flipped-bytes", "truncated", "foreign"])
+def test_altered_or_foreign_checkpoint_refused(tmp_path, make, expect):
+    p = make(tmp_path)
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(p)
+    assert str(p) in str(ei.value) and expect in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_check_compatible_names_every_difference(tmp_path):
+    ck = load_checkpoint(_good(tmp_path / "c.pt", base=4))
+    want = UNet(base_channels=8, depth=3, residual=True).config
+    with pytest.raises(CheckpointError) as ei:
+        check_compatible(ck, configs={"denoiser": want}, normalization={**DEFAULT_POLICY, "ct_window": (-1000, 1000)})
+    msg = str(ei.value)
+    assert "denoiser.base_channels: checkpoint 4 vs requested 8" in msg
+    assert "denoiser.depth: checkpoint 2 vs requested 3" in msg
+    assert "normalization.ct_window" in msg and "\n" not in msg
+    check_compatible(ck, configs={"denoiser": ck["models"]["denoiser"]["config"]}, normalization=DEFAULT_POLICY)
+
+
+def test_resume_with_other_architecture_refused(tmp_path, capsys):
+    """An interrupted run's checkpoint (base 4) resumed with --base-channels 8: refused, untouched."""
+    cfg = TrainConfig(base_channels=4, depth=2)
+    torch.manual_seed(0)
+    f = UNet(**{k: v for k, v in cfg.model_config("restoration").items() if k != "arch"})
+    opt = torch.optim.Adam(f.parameters())
+    out = save_checkpoint(tmp_path / "run.pt", {"restoration": f}, normalization=DEFAULT_POLICY,
+                          training={"completed": False},
+                          resume={"stage": "restoration", "step": 2, "optimizer": opt.state_dict(), "scheduler": {}})
+    before = tree_hash(out)
+    (tmp_path / "data").mkdir()  # never read: the mismatch is found first
+    rc = main(["train", "--data", str(tmp_path / "data"), "--out", str(out), "--base-channels", "8", "--depth", "2",
+               "--resume", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "restoration.base_channels: checkpoint 4 vs requested 8" in lines[0], err
+    assert tree_hash(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["data", "run.pt"]
