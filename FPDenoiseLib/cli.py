@@ -281,7 +281,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         name=args.name,
         save_dtype=args.save_dtype,
     )
-    path = train(cfg, resume=args.resume, progress_lines=args.progress_lines)
+    path = train(cfg, resume=args.resume, progress_lines=args.progress_lines, print_digest=args.print_weight_digest)
     print(path)
     return 0
 
@@ -425,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from --out")
     p.add_argument("--progress-lines", action="store_true")
+    p.add_argument("--print-weight-digest", action="store_true",
+                   help="every rank prints a SHA-256 of its final weights on stderr (debug: ranks in sync?)")
     _add_device(p)
     p.set_defaults(func=cmd_train)
 
@@ -445,10 +447,33 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_benchmark_parser(sub)
+
+    # The browser viewer lives in FPDenoiseWeb (trame/Slicer deps, optional): only its name is listed
+    # here; main() hands `fpdenoise view ...` to it before parsing, so FPDenoiseLib imports none of it.
+    sub.add_parser("view", add_help=False, help="browser viewer (needs fpdenoise[web]); see fpdenoise view --help")
     return parser
 
 
+def cmd_view(argv: list[str]) -> int:
+    """`fpdenoise view ARGS` = `fpdenoise-view ARGS` (FPDenoiseWeb.app), imported only here."""
+    try:
+        from FPDenoiseWeb.app import main as view_main
+    except ImportError as err:
+        raise FPDenoiseError(
+            f"fpdenoise view: the browser viewer needs its extra dependencies ({err.name or err}); "
+            'pip install "fpdenoise[web]"'
+        ) from err
+    return int(view_main(argv) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["view"]:
+        try:
+            return cmd_view(argv[1:])
+        except FPDenoiseError as err:
+            print(f"fpdenoise: error: {err}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

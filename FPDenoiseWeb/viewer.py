@@ -178,6 +178,20 @@ class ViewerSession:
                 view.fit_view_to_content()
             view.schedule_render()
 
+    def fit_on_resize(self) -> None:
+        """Fit both views to the volume whenever the browser resizes them (the first size arrives after load)."""
+        from vtkmodules.vtkCommonCore import vtkCommand
+
+        for name in (LEFT_VIEW, RIGHT_VIEW):
+            view = self.view(name)
+
+            def fit(*_, view=view):
+                if self.input_node is not None:
+                    view.fit_view_to_content()
+                    view.schedule_render()
+
+            view.interactor().AddObserver(vtkCommand.WindowResizeEvent, fit)
+
     def capture(self, name: str) -> np.ndarray:
         """Render view ``name`` now and return its pixels, ``(height, width, 3)`` uint8, top row first."""
         from vtkmodules.util.numpy_support import vtk_to_numpy
@@ -332,7 +346,7 @@ class ViewerSession:
         if gt is not None:
             m = self.logic.computeMetrics(gt, result["outputVolumeNode"])
             self.scores.psnr_denoised, self.scores.ssim_denoised = m["psnr"], m["ssim"]
-        self._refresh(fit=False)
+        self._refresh(fit=True)
 
     # ------------------------------------------------------------------ display
     def set_opacity(self, opacity: float) -> None:
