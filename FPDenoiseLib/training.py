@@ -285,11 +285,32 @@ def _run_stage(
         print(f"{role}: {steps - start} steps in {time.time() - t0:.1f}s", file=sys.stderr)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = False) -> Path:
+def weights_digest(models: dict[str, nn.Module] | dict[str, dict]) -> str:
+    """SHA-256 of the float32 weights of ``models`` (modules or state dicts), in name order.
+
+    Used to check that ``torchrun`` ranks ended with identical weights.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(models):
+        m = models[name]
+        sd = m.state_dict() if isinstance(m, nn.Module) else m
+        for k in sorted(sd):
+            t = sd[k].detach().cpu()
+            t = t.float() if t.is_floating_point() else t
+            h.update(f"{name}.{k}".encode())
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = False, print_digest: bool = False) -> Path:
     """Run the configured stage(s) and write ``cfg.out``; returns its path.
 
     ``resume=True`` continues from ``cfg.out`` if it holds a resume state of the same config
     (after a crash or kill); otherwise training starts from scratch and overwrites ``cfg.out``.
+    ``print_digest=True`` makes every rank print ``WEIGHT_DIGEST rank=R world=W <sha256>`` of its
+    final weights on stderr (to check that distributed ranks stayed in sync).
     """
     if cfg.stage not in STAGES:
         raise InputError(f"unknown stage {cfg.stage!r}; choose from {', '.join(STAGES)}")
@@ -399,6 +420,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         info["completed"] = True
         info["history"] = history
         save_checkpoint(out, final_models, normalization=normalization, training=info, dtype=save_dtype)
+    if print_digest:
+        print(f"WEIGHT_DIGEST rank={rank} world={_world} {weights_digest(final_models)}", file=sys.stderr, flush=True)
     if distributed:
         torch.distributed.barrier()
     return out
