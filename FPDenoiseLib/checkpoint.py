@@ -9,6 +9,7 @@ A checkpoint is a plain dict of tensors and JSON-like values (loadable with
      "normalization": {"ct_window": [-1024, 3071], "percentiles": [0.5, 99.5]},
      "training": {...},            # how it was made (stage, loss, lambda, steps, noise, data)
      "resume": {...},              # optional: optimiser/scheduler/RNG/data position
+     "resume_sha256": "...",       # hash of the resume state (when present)
      "sha256": "..."}              # hash of models + normalization + training
 
 Shipping both networks in one file matters: saliency maps are GB of *this* restoration net.
@@ -49,9 +50,36 @@ def content_hash(ckpt: dict) -> str:
         for key in sorted(entry["state_dict"]):
             t = entry["state_dict"][key]
             h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     h.update(json.dumps(ckpt.get("normalization", {}), sort_keys=True, default=str).encode())
     h.update(json.dumps(ckpt.get("training", {}), sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def state_hash(obj: Any) -> str:
+    """SHA-256 of a nested dict/list of tensors and plain values (the optimiser/scheduler resume state)."""
+    h = hashlib.sha256()
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous().reshape(-1)  # 0-dim (Adam step) cannot be viewed as bytes
+            h.update(f"T|{t.dtype}|{tuple(o.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, dict):
+            h.update(b"{")
+            for k in sorted(o, key=repr):
+                h.update(repr(k).encode() + b":")
+                walk(o[k])
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[")
+            for v in o:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(o).encode() + b";")
+
+    walk(obj)
     return h.hexdigest()
 
 
@@ -82,6 +110,7 @@ def make_checkpoint(
     }
     if resume is not None:
         ckpt["resume"] = resume
+        ckpt["resume_sha256"] = state_hash(resume)  # separate key: older checkpoints stay valid
     ckpt["sha256"] = content_hash(ckpt)
     return ckpt
 
@@ -133,6 +162,9 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> dict:
         stored = ckpt.get("sha256")
         if stored != content_hash(ckpt):
             raise CheckpointError(f"{path}: content hash mismatch: the checkpoint was altered or is corrupt")
+        if "resume" in ckpt and "resume_sha256" in ckpt and ckpt["resume_sha256"] != state_hash(ckpt["resume"]):
+            raise CheckpointError(f"{path}: resume-state hash mismatch: the optimiser/scheduler state was altered "
+                                  "or is corrupt")
     return ckpt
 
 

@@ -128,6 +128,22 @@ def _flipped_byte_in_file(d: Path) -> Path:
     return p
 
 
+def _altered_resume_state(d: Path) -> Path:
+    """An interrupted run's checkpoint whose Adam moments were altered."""
+    torch.manual_seed(0)
+    f = UNet(base_channels=4, depth=2, residual=False)
+    opt = torch.optim.Adam(f.parameters())
+    f(torch.rand(1, 1, 16, 16)).mean().backward()
+    opt.step()
+    p = save_checkpoint(d / "r.pt", {"restoration": f}, normalization=DEFAULT_POLICY, training={},
+                        resume={"stage": "restoration", "step": 1, "optimizer": opt.state_dict(), "scheduler": {}})
+    load_checkpoint(p)  # intact: fine
+    ck = torch.load(p, weights_only=True)
+    ck["resume"]["optimizer"]["state"][0]["exp_avg"].view(-1)[0] += 1.0
+    torch.save(ck, p)
+    return p
+
+
 def _truncated(d: Path) -> Path:
     p = _good(d / "c.pt")
     p.write_bytes(p.read_bytes()[:2000])
@@ -144,9 +160,10 @@ def _foreign(d: Path) -> Path:
     (_altered_tensor, "content hash mismatch"),
     (_altered_meta, "content hash mismatch"),
     (_flipped_byte_in_file, ""),  # caught by the zip CRC or by the content hash: either way refused
+    (_altered_resume_state, "resume-state hash mismatch"),
     (_truncated, "not a readable checkpoint"),
     (_foreign, "not an FPDenoise checkpoint"),
-], ids=["tensor", "normalization", "flipped-bytes", "truncated", "foreign"])
+], ids=["tensor", "normalization", "flipped-bytes", "resume-state", "truncated", "foreign"])
 def test_altered_or_foreign_checkpoint_refused(tmp_path, make, expect):
     p = make(tmp_path)
     with pytest.raises(CheckpointError) as ei:
