@@ -1,0 +1,201 @@
+"""Inference, training and CLI end to end on real files (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import ct_phantom
+
+from FPDenoiseLib.checkpoint import load_checkpoint, model_from_checkpoint
+from FPDenoiseLib.cli import main
+from FPDenoiseLib.errors import CheckpointError, InputError
+from FPDenoiseLib.inference import Denoiser, default_model_path, sample_data_path
+from FPDenoiseLib.io import read_image
+from FPDenoiseLib.training import TrainConfig, train
+
+
+def test_denoiser_keeps_shape_dtype_and_is_batch_invariant(tiny_checkpoint):
+    vol = ct_phantom((5, 33, 41))
+    before = vol.copy()
+    a = Denoiser(tiny_checkpoint, device="cpu", batch_size=1).process(vol, modality="CT")
+    b = Denoiser(tiny_checkpoint, device="cpu", batch_size=4).process(vol, modality="CT")
+    assert np.array_equal(vol, before)
+    den, s_in, s_out = a
+    assert den.shape == vol.shape and den.dtype == np.int16
+    assert s_in.shape == vol.shape and s_in.dtype == np.float32 and (s_in >= 0).all()
+    assert not np.array_equal(den, vol)  # the model did something
+    np.testing.assert_allclose(den, b[0], atol=1)
+    np.testing.assert_allclose(s_out, b[2], rtol=1e-4, atol=1e-6)
+    # 2D input and float input
+    img2d = np.random.default_rng(0).random((30, 22)).astype(np.float32) * 4000
+    out2d = Denoiser(tiny_checkpoint, device="cpu").denoise_array(img2d)
+    assert out2d.shape == img2d.shape and out2d.dtype == np.float32
+
+
+def test_denoiser_rejects_bad_arrays(tiny_checkpoint):
+    den = Denoiser(tiny_checkpoint, device="cpu")
+    bad = np.ones((4, 4, 4, 4), np.float32)
+    with pytest.raises(InputError):
+        den.denoise_array(bad)
+    nan = np.ones((8, 8), np.float32)
+    nan[2, 2] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        den.denoise_array(nan)
+
+
+def test_run_keeps_geometry(tiny_checkpoint, ct_nrrd):
+    img = read_image(ct_nrrd)
+    res = Denoiser(tiny_checkpoint, device="cpu").run(img)
+    for out in (res.denoised, res.saliency_input, res.saliency_output):
+        assert out.spacing == img.spacing and out.origin == img.origin and out.direction == img.direction
+        assert out.array.shape == img.array.shape
+    assert res.denoised.array.dtype == img.array.dtype and res.denoised.modality == "CT"
+    assert -1.0 <= res.fp_score <= 1.0
+
+
+def _tiny_data(folder: Path) -> Path:
+    from FPDenoiseLib.data import synthetic_ct_slice
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, kind in enumerate(["chest", "abdomen", "head", "chest"]):
+        im = sitk.GetImageFromArray(synthetic_ct_slice(kind, size=64, seed=i).astype(np.int16)[None])
+        im.SetMetaData("FPDenoise_modality", "CT")
+        sitk.WriteImage(im, str(folder / f"ct{i}.nrrd"))
+    return folder
+
+
+def _cfg(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(data=[str(_tiny_data(tmp_path / "data"))], out=str(tmp_path / "m.pt"), base_channels=4,
+                patch_size=32, batch_size=4, bank_size=32, val_size=2, steps=24, restoration_steps=12,
+                val_every=12, ckpt_every=6, device="cpu", lr=3e-3, noises=["gaussian"], level_range=(0.5, 0.5))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_short_training_lowers_the_loss_and_writes_a_usable_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, steps=60, val_every=20, lam=0.01, lr=1e-2, batch_size=8, level_range=(1.0, 1.0))
+    path = train(cfg)
+    ck = load_checkpoint(path)
+    info = ck["training"]
+    assert info["completed"] and "resume" not in ck
+    assert set(ck["models"]) == {"denoiser", "restoration"}
+    hist = [h for h in info["history"] if h["stage"] == "denoiser"]
+    assert len(hist) == 3
+    assert hist[-1]["psnr"] > hist[0]["psnr"]
+    assert hist[-1]["psnr"] > hist[-1]["psnr_noisy"]  # denoises the held-out validation images
+    assert info["gb_scale"] > 0
+    Denoiser(path, device="cpu").denoise_array(ct_phantom())
+
+
+def test_mse_twin_and_denoiser_stage_from_init(tmp_path):
+    first = train(_cfg(tmp_path, steps=6, restoration_steps=6))
+    twin = train(_cfg(tmp_path, out=str(tmp_path / "mse.pt"), loss="mse", stage="denoiser", init=str(first), steps=6))
+    ck = load_checkpoint(twin)
+    assert ck["training"]["loss"] == "mse"
+    # the restoration net comes from --init unchanged
+    f0 = model_from_checkpoint(load_checkpoint(first), "restoration").state_dict()
+    f1 = model_from_checkpoint(ck, "restoration").state_dict()
+    assert all(torch.equal(f0[k], f1[k]) for k in f0)
+    with pytest.raises(CheckpointError, match="--init"):
+        train(_cfg(tmp_path, out=str(tmp_path / "x.pt"), stage="denoiser"))
+
+
+def test_resume_continues_identically(tmp_path):
+    """A run resumed from an intermediate checkpoint ends with the same weights as one run."""
+    full = load_checkpoint(train(_cfg(tmp_path, out=str(tmp_path / "full.pt"))))
+    part = _cfg(tmp_path, out=str(tmp_path / "part.pt"))
+    # emulate a kill: train to a mid-stage-2 checkpoint by running with fewer steps would change the
+    # cosine schedule, so instead truncate the run via a stage-2 checkpoint written at step 6
+    import FPDenoiseLib.training as tr
+
+    original = tr._run_stage
+
+    def stop_early(role, model, cfg, steps, *a, **k):
+        if role == "denoiser":
+            class Killed(Exception):
+                pass
+
+            save = a[2]
+
+            def save_then_die(step, state, _save=save):
+                _save(step, state)
+                if step == 12:
+                    raise Killed
+
+            a = (a[0], a[1], save_then_die, *a[3:])
+            try:
+                return original(role, model, cfg, steps, *a, **k)
+            except Killed:
+                raise SystemExit(9) from None
+        return original(role, model, cfg, steps, *a, **k)
+
+    tr._run_stage = stop_early
+    try:
+        with pytest.raises(SystemExit):
+            train(part)
+    finally:
+        tr._run_stage = original
+    assert load_checkpoint(part.out)["resume"]["step"] == 12
+    resumed = load_checkpoint(train(part, resume=True))
+    for name in ("denoiser", "restoration"):
+        a, b = full["models"][name]["state_dict"], resumed["models"][name]["state_dict"]
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_cli_noises_simulate_denoise_saliency(tmp_path, ct_nrrd, tiny_checkpoint, capsys):
+    assert main(["noises"]) == 0
+    names = capsys.readouterr().out.split()
+    assert len(names) == 13 and names[0] == "gaussian"
+
+    noisy = tmp_path / "noisy.nrrd"
+    assert main(["simulate", str(ct_nrrd), str(noisy), "--noise", "rician", "--level", "0.6", "--seed", "1"]) == 0
+    a, b = read_image(ct_nrrd), read_image(noisy)
+    assert b.array.dtype == a.array.dtype and b.spacing == a.spacing and not np.array_equal(a.array, b.array)
+
+    out = tmp_path / "den.nrrd"
+    sal = tmp_path / "sal"
+    assert main(["denoise", str(noisy), str(out), "--model", str(tiny_checkpoint), "--saliency-dir", str(sal), "--device", "cpu"]) == 0
+    d = read_image(out)
+    assert d.array.shape == a.array.shape and d.origin == a.origin and d.direction == a.direction
+    assert sorted(p.name for p in sal.iterdir()) == ["den_saliency_denoised.nrrd", "den_saliency_input.nrrd"]
+    assert main(["saliency", str(noisy), str(tmp_path / "s.nrrd"), "--model", str(tiny_checkpoint)]) == 0
+    assert read_image(tmp_path / "s.nrrd").array.dtype == np.float32
+
+
+def test_cli_png_roundtrip_and_one_line_errors(tmp_path, tiny_checkpoint):
+    from PIL import Image as PILImage
+
+    xray = (np.random.default_rng(0).random((48, 40)) * 4000).astype(np.uint16)
+    PILImage.fromarray(xray).save(tmp_path / "xr.png")
+    assert main(["denoise", str(tmp_path / "xr.png"), str(tmp_path / "o.png"), "--model", str(tiny_checkpoint)]) == 0
+    out = np.asarray(PILImage.open(tmp_path / "o.png"))
+    assert out.shape == xray.shape and out.dtype == np.uint16
+
+    cmd = [sys.executable, "-m", "FPDenoiseLib.cli", "denoise", str(tmp_path / "missing.nrrd"), str(tmp_path / "x.nrrd")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "missing.nrrd" in lines[0]
+    assert not (tmp_path / "x.nrrd").exists()
+    assert main(["denoise", str(tmp_path / "xr.png"), str(tmp_path / "xr.png")]) == 2
+
+
+@pytest.mark.skipif(not default_model_path().exists(), reason="shipped model not built yet")
+def test_shipped_model_raises_psnr_on_sample_for_gaussian_noise():
+    from FPDenoiseLib.intensity import in_normalized_units
+    from FPDenoiseLib.metrics import psnr
+    from FPDenoiseLib.noise import add_noise
+
+    clean = read_image(sample_data_path())
+    arr = clean.array[:3]
+    noisy = in_normalized_units(arr, lambda x: add_noise(x, "gaussian", level=0.5, seed=0), modality="CT")
+    den = Denoiser(device="cpu").denoise_array(noisy, modality="CT")
+    rng = float(arr.max() - arr.min())
+    gain = psnr(arr, den, data_range=rng) - psnr(arr, noisy, data_range=rng)
+    assert gain > 3.0, gain
