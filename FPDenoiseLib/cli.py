@@ -282,7 +282,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_dtype=args.save_dtype,
     )
     path = train(cfg, resume=args.resume, progress_lines=args.progress_lines, print_digest=args.print_weight_digest)
-    print(path)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+        print(path)
     return 0
 
 

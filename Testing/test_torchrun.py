@@ -66,7 +66,7 @@ def test_torchrun_two_ranks_in_sync_and_match_single_process(tmp_path):
     ck = load_checkpoint(ddp_dir / "m.pt")
     assert weights_digest({m: e["state_dict"] for m, e in ck["models"].items()}) == dig[0]
     assert sorted(p.name for p in ddp_dir.iterdir()) == ["m.pt"]  # rank 0 alone wrote, atomically
-    assert r.stdout.count("VAL denoiser") == 1  # rank 0 alone logs
+    assert r.stdout.count("VAL denoiser") == 1 and r.stdout.count(str(ddp_dir / "m.pt")) == 1  # rank 0 alone logs
 
     one = tmp_path / "one.pt"
     r1 = subprocess.run([sys.executable, "-m", "FPDenoiseLib.cli", "train", "--data", str(data), "--out", str(one),
