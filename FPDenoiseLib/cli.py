@@ -103,6 +103,17 @@ def _strip_ext(name: str) -> str:
     return name
 
 
+def _check_out_format(out: Path) -> None:
+    """Refuse an output format we cannot write before spending time on denoising."""
+    from .errors import InputError
+    from .io import IMAGE_EXTENSIONS, _suffix
+
+    ext = _suffix(out)
+    if ext and ext not in IMAGE_EXTENSIONS and not out.is_dir():
+        raise InputError(f"{out}: unsupported output extension '{ext}' (use .nrrd, .nii, .nii.gz, .mha, .mhd, "
+                         ".png, .tif, .dcm or a folder for a DICOM series)")
+
+
 def _denoise_one(den, img, output: Path, args: argparse.Namespace, desc_prog: str) -> list[Path]:
     """Denoise one image; write saliency maps (if asked) first and the denoised image LAST, so the
     existence of the (atomically renamed) denoised output means the item is complete."""
@@ -179,6 +190,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
 
     inp, out = Path(args.input), Path(args.output)
     _check_out(inp, out)
+    _check_out_format(out)
     items = None
     if inp.is_dir() and args.series is not None and _strip_ext(out.name) != out.name:
         pass  # one chosen series into one file: single mode

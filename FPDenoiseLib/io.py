@@ -589,10 +589,28 @@ def _pixels(ds, f: Path) -> np.ndarray:
     return arr
 
 
+@contextlib.contextmanager
+def _quiet_stderr_fd() -> Iterator[None]:
+    """Silence C-level writes to fd 2 (GDCM/OpenJPEG print 'Invalid marker size' etc. before the
+    exception we report): the CLI promises exactly one error line."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _pixels_sitk(ds, f: Path) -> np.ndarray:
     import SimpleITK as sitk
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_stderr_fd():
         warnings.simplefilter("ignore")
         im = sitk.ReadImage(str(f))
     if im.GetNumberOfComponentsPerPixel() != 1:
