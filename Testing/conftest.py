@@ -55,3 +55,11 @@ def ct_nrrd(tmp_path) -> Path:
     path = tmp_path / "ct.nrrd"
     sitk.WriteImage(img, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_checkpoint) -> Path:
+    """The shipped default model when present (real behaviour), else the tiny checkpoint."""
+    from FPDenoiseLib.inference import default_model_path
+
+    return default_model_path() if default_model_path().is_file() else tiny_checkpoint

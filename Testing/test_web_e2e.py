@@ -36,28 +36,6 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """The shipped default model when present, else a tiny real checkpoint made with the library."""
-    from FPDenoiseLib.inference import default_model_path
-
-    if default_model_path().is_file():
-        return default_model_path()
-    import torch
-
-    from FPDenoiseLib.checkpoint import save_checkpoint
-    from FPDenoiseLib.intensity import DEFAULT_POLICY
-    from FPDenoiseLib.models import UNet
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    models = {
-        "denoiser": UNet(base_channels=4, depth=2, residual=True),
-        "restoration": UNet(base_channels=4, depth=2, residual=False),
-    }
-    return save_checkpoint(path, models, normalization=DEFAULT_POLICY, training={"name": "tiny-test"})
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
