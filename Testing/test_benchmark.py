@@ -78,7 +78,7 @@ def test_files_and_rows(setup):
     info = json.loads((out / "run.json").read_text())
     assert info["seed"] == 7 and len(info["images"]) == 3 and info["noises"] == NOISES
     assert set(info["methods"]) == set(METHODS) and "median" in info["baseline_params"]
-    assert info["versions"]["torch"] == torch.__version__.split("+")[0] or info["versions"]["torch"]
+    assert info["versions"]["torch"] and info["versions"]["scikit-image"] and info["device"] == "cpu"
     assert info["total_seconds"] > 0
     # no temp files left behind by the atomic writes
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
