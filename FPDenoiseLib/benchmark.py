@@ -468,6 +468,7 @@ def run_benchmark(
     csv_path = out / "results.csv"
     rows: list[dict] = []
     if resume and csv_path.is_file():
+        _check_resumable(out / "run.json", seed, {m: run_methods[m].info for m in methods})
         rows = read_results(csv_path)
     done = {_row_key(r) for r in rows}
     n_before = len(rows)
@@ -533,6 +534,22 @@ def run_benchmark(
     _atomic_write_text(out / "run.json", json.dumps(run_info, indent=2, default=str) + "\n")
     summary["total_seconds"] = run_info["total_seconds"]
     return summary
+
+
+def _check_resumable(run_json: Path, seed: int, method_info: dict) -> None:
+    """Refuse to mix rows of a run with another seed or other weights under one method name."""
+    try:
+        prev = json.loads(run_json.read_text())
+    except (OSError, ValueError):
+        return  # interrupted before run.json was written: the rows' keys are all we have
+    if prev.get("seed") != seed:
+        raise InputError(f"{run_json.parent}: --resume with seed {seed}, but the rows there were made with seed "
+                         f"{prev.get('seed')}; use the same --seed or another --out")
+    for m, info in method_info.items():
+        old = prev.get("methods", {}).get(m, {}).get("sha256")
+        if old and info.get("sha256") and old != info["sha256"]:
+            raise InputError(f"{run_json.parent}: --resume with a different checkpoint for {m!r} than the rows "
+                             f"there ({info.get('checkpoint')}); use another --out")
 
 
 def _gb_signed(feature_net: Any, stack: np.ndarray) -> np.ndarray:

@@ -160,6 +160,9 @@ def test_resume_skips_done_rows(setup, tmp_path):
     s2 = run_benchmark(setup["data"], out, model=setup["ckpt"], noises=NOISES, methods=[*METHODS, "mean"],
                        max_images=3, seed=7, device="cpu", resume=True, progress=False, figures=False)
     assert s2["n_new_rows"] == 0 and s2["n_rows"] == len(after)
+    with pytest.raises(InputError, match="seed"):  # rows of another seed are never mixed in
+        run_benchmark(setup["data"], out, model=setup["ckpt"], noises=NOISES, methods=METHODS, max_images=3,
+                      seed=8, device="cpu", resume=True, progress=False, figures=False)
 
 
 def test_median_beats_noisy_on_salt_and_pepper(setup, tmp_path):
