@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
-from .intensity import Normalizer
+from .intensity import Normalizer, guess_modality
 
 SeedLike = int | np.random.Generator | None
 
@@ -93,15 +93,6 @@ def _to_gray_volume(arr: np.ndarray, path: str) -> np.ndarray:
     return a
 
 
-def _looks_like_ct(a: np.ndarray) -> bool:
-    """HU data stored without a modality tag (NRRD/NIfTI/MHA): signed, air near -1000."""
-    if a.size == 0 or not (np.issubdtype(a.dtype, np.signedinteger) or np.issubdtype(a.dtype, np.floating)):
-        return False
-    sub = a.ravel()[:: max(1, a.size // 200_000)]
-    lo, hi = np.percentile(sub, [1, 99.9])
-    return bool(-1100 <= lo <= -850 and 0 <= hi <= 4000)
-
-
 def slices_from_image(
     image: Any,
     *,
@@ -119,9 +110,7 @@ def slices_from_image(
     """
     source = str(image.source or "<array>")
     vol = _to_gray_volume(image.array, source)
-    mod = (modality or image.modality or "OT").upper()
-    if mod in ("OT", "") and _looks_like_ct(vol):
-        mod = "CT"
+    mod = guess_modality(vol, modality or image.modality)
     if min(vol.shape[1:]) < min_size:
         return []
     norm = Normalizer.for_array(vol, modality=mod, policy=policy)

@@ -17,6 +17,33 @@ from .errors import InputError
 DEFAULT_POLICY: dict = {"ct_window": (-1024.0, 3071.0), "percentiles": (0.5, 99.5)}
 
 
+def looks_like_ct(a: np.ndarray) -> bool:
+    """HU data without a modality tag (NRRD/NIfTI/MHA, a Slicer volume): signed or float values
+    whose low end is air (-1000 HU, or the -2000/-3024 padding outside the scan circle) and whose
+    top is within the HU range of bone/metal."""
+    a = np.asarray(a)
+    if a.size == 0 or not (np.issubdtype(a.dtype, np.signedinteger) or np.issubdtype(a.dtype, np.floating)):
+        return False
+    sub = a.ravel()[:: max(1, a.size // 200_000)]
+    sub = sub[np.isfinite(sub)] if np.issubdtype(sub.dtype, np.floating) else sub
+    if sub.size == 0:
+        return False
+    lo, hi = np.percentile(sub, [1, 99.9])
+    return bool(-3100 <= lo <= -500 and 0 <= hi <= 5000)
+
+
+def guess_modality(a: np.ndarray, modality: str | None = None) -> str:
+    """``modality`` upper-cased when it is informative, else "CT" for HU-looking data, else "OT".
+
+    >>> guess_modality(np.array([[-1000, 40], [60, 1200]], np.int16))
+    'CT'
+    """
+    mod = (modality or "").upper()
+    if mod and mod != "OT":
+        return mod
+    return "CT" if looks_like_ct(a) else "OT"
+
+
 @dataclass(frozen=True)
 class Normalizer:
     """Linear map ``(a - lo) / (hi - lo)``; ``kind`` is "window" (CT, HU) or "percentile"."""
@@ -52,7 +79,7 @@ class Normalizer:
         Normalizer(kind='window', lo=-1024.0, hi=3071.0)
         """
         policy = {**DEFAULT_POLICY, **(policy or {})}
-        if (modality or "").upper() == "CT":
+        if guess_modality(a, modality) == "CT":
             lo, hi = policy["ct_window"]
             return cls("window", float(lo), float(hi))
         arr = np.asarray(a)

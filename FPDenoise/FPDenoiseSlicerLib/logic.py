@@ -139,18 +139,19 @@ class FPDenoiseMRMLLogic:
     @staticmethod
     def guessModality(volumeNode, array: np.ndarray | None = None) -> str:
         """Modality for intensity normalisation: a ``DICOM.Modality``/``FPDenoise.Modality`` node attribute
-        when present, else "CT" when the volume holds air-like HU values (< -500), "XR" for a single
-        slice, "OT" otherwise (percentile normalisation, as for MR)."""
+        when present, else the library's guess ("CT" for HU-looking values), "XR" for a single slice,
+        "OT" otherwise (percentile normalisation, as for MR)."""
+        from FPDenoiseLib.intensity import guess_modality
+
         for attr in ("FPDenoise.Modality", "DICOM.Modality"):
             value = volumeNode.GetAttribute(attr)
             if value:
                 return str(value).upper()
         a = slicer.util.arrayFromVolume(volumeNode) if array is None else array
-        if a.size and float(np.min(a)) < -500.0:
-            return "CT"
-        if a.shape[0] == 1:
+        mod = guess_modality(a)
+        if mod == "OT" and a.shape[0] == 1:
             return "XR"
-        return "OT"
+        return mod
 
     def imageFromVolume(self, volumeNode, modality: str | None = None):
         """Copy a scalar volume node into an :class:`FPDenoiseLib.io.Image` (LPS geometry, original units)."""
