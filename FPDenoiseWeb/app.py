@@ -261,7 +261,15 @@ def build_app(session, server=None):
                         id="save-btn")
                 html.Div("{{ saved }}", classes="text-caption", id="saved")
         with page.content:
-            with html.Div(style="position:absolute; inset:0;", id="views"):
+            # Not `inset:0`: an absolute box is placed in its containing block's *padding* box (here the
+            # whole window), so the views slid under the drawer, toolbar and footer and the left view lost
+            # its left 340 px (it looked zoomed in and off-centre). Vuetify's VMain publishes the space
+            # its bars take as --v-layout-* (they follow the drawer being toggled: views resize and refit).
+            views_style = (
+                "position:absolute; top:var(--v-layout-top, 0px); bottom:var(--v-layout-bottom, 0px);"
+                " left:var(--v-layout-left, 0px); right:var(--v-layout-right, 0px);"
+            )
+            with html.Div(style=views_style, id="views"):
                 layouts.initialize_layout_grid(page)
     return server
 

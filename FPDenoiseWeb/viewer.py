@@ -431,5 +431,16 @@ class ViewerSession:
         return written
 
     def close(self) -> None:
-        """Stop a running background denoise."""
+        """Stop a running background denoise and detach the volumes from the views.
+
+        Detaching first keeps the scene's teardown quiet: otherwise the views re-run their layer
+        pipelines while the display (colour) nodes go away, and VTK prints ``vtkImageMapToColors: No
+        LookupTable`` / ``vtkImageExtractComponents`` errors.
+        """
         self.cancel_denoise()
+        scene = self.app.scene
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+            comp = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+            comp.SetForegroundVolumeID(None)
+            comp.SetBackgroundVolumeID(None)
+            comp.SetLabelVolumeID(None)

@@ -97,6 +97,39 @@ def _grey_fraction(rgb: np.ndarray) -> float:
     return float(((rgb.mean(axis=-1) > 40) & (spread < 12)).mean())
 
 
+def _body_geometry(rgb: np.ndarray) -> tuple[float, float, float, float, float]:
+    """Lit (non-background) pixels of a view: fraction, bounding-box centre x, y and size w, h (all as
+    fractions of the view's width/height)."""
+    h, w, _ = rgb.shape
+    body = rgb.mean(axis=-1) > 40
+    ys, xs = np.nonzero(body)
+    assert xs.size, "view is empty"
+    return (float(body.mean()), (xs.min() + xs.max()) / 2 / w, (ys.min() + ys.max()) / 2 / h,
+            (xs.max() - xs.min()) / w, (ys.max() - ys.min()) / h)  # fmt: skip
+
+
+def _assert_views_unobstructed(page) -> None:
+    """Each view image lies inside the page's content area: not under the drawer, toolbar or footer."""
+    boxes = page.evaluate(
+        """() => {
+          const r = e => e ? e.getBoundingClientRect().toJSON() : null;
+          return {imgs: Array.from(document.querySelectorAll('#views img.image-display-area')).map(r),
+                  drawer: r(document.querySelector('nav.v-navigation-drawer')),
+                  bar: r(document.querySelector('header.v-app-bar, header.v-toolbar')),
+                  footer: r(document.querySelector('footer'))};
+        }"""
+    )
+    assert len(boxes["imgs"]) == 2, boxes
+    for img in boxes["imgs"]:
+        assert img["width"] > 100 and img["height"] > 100, boxes
+        if boxes["drawer"]:
+            assert img["left"] >= boxes["drawer"]["right"] - 1, f"view under the drawer: {boxes}"
+        if boxes["bar"]:
+            assert img["top"] >= boxes["bar"]["bottom"] - 1, f"view under the toolbar: {boxes}"
+        if boxes["footer"]:
+            assert img["bottom"] <= boxes["footer"]["top"] + 1, f"view under the footer: {boxes}"
+
+
 def _wait_frame_change(page, index: int, before: np.ndarray, timeout: float = 30.0) -> np.ndarray:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -169,6 +202,16 @@ def test_browser_load_denoise_opacity_slice(server):
             assert _grey_fraction(right0) > 0.15
 
             left0 = _view_pixels(page, 0)
+            assert _heat_fraction(left0) < 0.001
+            # Both views fit the whole volume the same way (once the left view sat half under the
+            # drawer and looked zoomed in and off-centre): same body fraction, centre and extent.
+            _assert_views_unobstructed(page)
+            gl, gr = _body_geometry(left0), _body_geometry(right0)
+            assert left0.shape == right0.shape, (left0.shape, right0.shape)
+            assert abs(gl[0] - gr[0]) < 0.2 * gr[0], f"body fraction left {gl[0]:.3f} vs right {gr[0]:.3f}"
+            for name, a, b in zip(("centre x", "centre y", "width", "height"), gl[1:], gr[1:], strict=True):
+                assert abs(a - b) < 0.05, f"body {name}: left {a:.3f} vs right {b:.3f}"
+            assert abs(gl[1] - 0.5) < 0.1, f"body off-centre in the view: x {gl[1]:.3f}"
             _set_slider(page, "#slice", 0.0)  # scroll to the first slice: both (linked) views change
             assert np.abs(_wait_frame_change(page, 0, left0) - left0).mean() > 0.5
             assert np.abs(_wait_frame_change(page, 1, right0) - right0).mean() > 0.5

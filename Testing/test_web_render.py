@@ -81,27 +81,37 @@ def test_overlay_follows_saliency_threshold_in_right_view(session, tmp_path):
     # The worker's scratch folder is gone and nothing else was written.
     assert list((tmp_path / "out").iterdir()) == []
 
+    # The right view without overlay: a pixel shows the overlay where it differs from this frame (the
+    # heat map's top end is white, so hue alone would miss the most salient voxels).
+    session.set_opacity(0.0)
+    ct_only = session.capture("Yellow").astype(int)
     session.set_opacity(1.0)
-    for fraction in (0.1, 0.3):
-        session.set_threshold(fraction)
+    sal = slicer.util.arrayFromVolume(sal_node)
+    kji = _voxel_at_pixels(session, "Yellow", sal_node, sal.shape)
+    inside = kji[..., 0] >= 0
+    assert inside.mean() > 0.3, "the volume should fill the view"
+    # Pixels on the volume's outermost in-plane voxels may be cut by the slice edge: left out.
+    border = (kji[..., 1] % (sal.shape[1] - 1) == 0) | (kji[..., 2] % (sal.shape[2] - 1) == 0)
+    at = (kji[..., 0], kji[..., 1], kji[..., 2])
+    # A pixel may straddle a voxel boundary: judge it by its 3x3 in-plane neighbourhood, with margins.
+    sal_min = minimum_filter(sal, size=(1, 3, 3))
+    sal_max = maximum_filter(sal, size=(1, 3, 3))
+    # Thresholds at the 50th and 80th percentile of the shown saliency, so both sides have pixels
+    # whatever the checkpoint (an untrained one puts most of its saliency on the image border).
+    hi = sal_node.GetDisplayNode().GetWindowLevelMax()
+    shown = sal[at][inside & ~border] / hi
+    for fraction in np.clip(np.quantile(shown, [0.5, 0.8]), 0.02, 0.9):
+        session.set_threshold(float(fraction))
         display = sal_node.GetDisplayNode()
         lower = display.GetLowerThreshold()
         assert lower == pytest.approx(fraction * display.GetWindowLevelMax())
-        rgb = session.capture("Yellow")
-        sal = slicer.util.arrayFromVolume(sal_node)
-        kji = _voxel_at_pixels(session, "Yellow", sal_node, sal.shape)
-        inside = kji[..., 0] >= 0
-        assert inside.mean() > 0.3, "the volume should fill the view"
-        # A pixel may straddle a voxel boundary: judge it by its 3x3 in-plane neighbourhood, with margins.
-        sal_min = minimum_filter(sal, size=(1, 3, 3))
-        sal_max = maximum_filter(sal, size=(1, 3, 3))
-        at = (kji[..., 0], kji[..., 1], kji[..., 2])
-        heat = _is_heat(rgb)
-        high = inside & (sal_min[at] > 1.2 * lower)
-        low = inside & (sal_max[at] < 0.8 * lower)
-        assert high.sum() > 50 and low.sum() > 50, (high.sum(), low.sum())
-        assert heat[high].mean() > 0.9, f"overlay missing where saliency is high: {heat[high].mean():.3f}"
-        assert heat[low].mean() < 0.05, f"overlay drawn below the threshold: {heat[low].mean():.3f}"
+        rgb = session.capture("Yellow").astype(int)
+        drawn = _is_heat(rgb) | (np.abs(rgb - ct_only).max(axis=-1) > 12)
+        high = inside & ~border & (sal_min[at] > 1.2 * lower)
+        low = inside & ~border & (sal_max[at] < 0.8 * lower)
+        assert high.sum() > 50 and low.sum() > 50, (fraction, high.sum(), low.sum())
+        assert drawn[high].mean() > 0.9, f"overlay missing where saliency is high: {drawn[high].mean():.3f}"
+        assert drawn[low].mean() < 0.05, f"overlay drawn below the threshold: {drawn[low].mean():.3f}"
 
     # Left view: input + its saliency, same colour map; opacity 0 removes every overlay pixel.
     assert _is_heat(session.capture("Red")).mean() > 0.005
