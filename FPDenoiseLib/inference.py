@@ -101,6 +101,9 @@ class Denoiser:
         )
         for m in (self.model, self.restoration):
             if m is not None:
+                # channels_last: 1.2x (denoise) to 1.4x (saliency) faster on CPU, same outputs to 6e-8
+                # (measured side by side in benchmarks/speed.py).
+                m.to(memory_format=torch.channels_last)
                 for p in m.parameters():
                     p.requires_grad_(False)
         self.policy = {**DEFAULT_POLICY, **self.ckpt.get("normalization", {})}
@@ -111,16 +114,18 @@ class Denoiser:
         per = max(1, min(self.batch_size, MAX_BATCH_PIXELS // max(1, h * w)))
         return [slice(i, min(n, i + per)) for i in range(0, n, per)]
 
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None].to(self.device)
+        return t.contiguous(memory_format=torch.channels_last)
+
     def _forward(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None].to(self.device)
-            return self.model(t)[:, 0].float().cpu().numpy()
+            return self.model(self._tensor(x))[:, 0].float().cpu().numpy()
 
     def _gb(self, x: np.ndarray) -> np.ndarray:
         if self.restoration is None:
             raise InputError(f"{self.checkpoint_path}: checkpoint has no restoration network; saliency unavailable")
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None].to(self.device)
-        return saliency_for_display(guided_backprop(self.restoration, t))[:, 0].float().cpu().numpy()
+        return saliency_for_display(guided_backprop(self.restoration, self._tensor(x)))[:, 0].float().cpu().numpy()
 
     def denoise_normalized(self, x: np.ndarray) -> np.ndarray:
         """Denoise an image already in the normalised range (2D or a stack of slices), float32."""
