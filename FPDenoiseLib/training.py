@@ -48,18 +48,23 @@ class TrainConfig:
     """Everything that defines a training run (stored in the checkpoint's ``training`` entry).
 
     Steps count optimiser updates; ``restoration_steps`` defaults to half of ``steps``.
-    ``lam`` weights the FP term; with the energy readout (see :mod:`FPDenoiseLib.xai`) GB maps
-    of a trained ``f`` are of the order of the image itself, and ``lam=1`` puts the FP term at
-    roughly the residual term's size at the start of stage 2 (see README "Training").
+    ``lam`` weights the FP term, a *relative* feature error (see :mod:`FPDenoiseLib.losses`).
+    Measured here: the relative GB error of noisy patches is ~0.04 (Gaussian, level 0.5) while
+    the residual term is ~0.003-0.006, so ``lam=0.05`` already makes the FP term 30% of the loss
+    and, trained from scratch on CPU budgets, cost 3 dB of validation PSNR; ``lam=0.01`` (FP
+    term ~10% of the loss) is the default.
+    ``level_range``: noise severities are drawn uniformly from it. Training on (0.05, 1.0) left a
+    model that over-smoothed mildly corrupted images (-6 dB on a mild bias field); (0.0, 0.6)
+    raised the mean gain over the 13 noise types at level 0.5 from +0.9 to +2.0 dB (same steps).
     """
 
     data: list[str] = field(default_factory=list)
     out: str = "fpdenoise.pt"
     stage: str = "both"
     loss: str = "fp"
-    lam: float = 1.0
+    lam: float = 0.01
     noises: list[str] = field(default_factory=lambda: ["mix"])
-    level_range: tuple[float, float] = (0.05, 1.0)
+    level_range: tuple[float, float] = (0.0, 0.6)
     arch: str = "unet"
     base_channels: int = 16
     depth: int = 4
