@@ -38,7 +38,12 @@ if str(REPO / "FPDenoise") not in sys.path:
     sys.path.insert(0, str(REPO / "FPDenoise"))
 
 import slicer  # noqa: E402
-from FPDenoiseSlicerLib.logic import LEFT_VIEW, RIGHT_VIEW, FPDenoiseMRMLLogic  # noqa: E402
+from FPDenoiseSlicerLib.logic import (  # noqa: E402
+    DEFAULT_SALIENCY_THRESHOLD,
+    LEFT_VIEW,
+    RIGHT_VIEW,
+    FPDenoiseMRMLLogic,
+)
 from FPDenoiseSlicerLib.process import BackgroundJob  # noqa: E402
 
 from FPDenoiseLib.errors import InputError, OutputError  # noqa: E402
@@ -143,7 +148,7 @@ class ViewerSession:
         self.result: dict | None = None
         self.scores = Scores()
         self.status = DenoiseStatus()
-        self.threshold = 0.1
+        self.threshold = DEFAULT_SALIENCY_THRESHOLD
         self.opacity = 0.5
         self._job: BackgroundJob | None = None
         self._work: Path | None = None
@@ -339,7 +344,7 @@ class ViewerSession:
             result["outputSaliencyNode"],
             opacity=self.opacity,
         )
-        if result["inputSaliencyNode"] is not None and self.threshold != 0.1:
+        if result["inputSaliencyNode"] is not None and self.threshold != DEFAULT_SALIENCY_THRESHOLD:
             self.set_threshold(self.threshold)
         self.scores.fp_score = result["fpScore"]
         gt = self.logic.groundTruthFor(self.input_node)
