@@ -127,23 +127,21 @@ class Denoiser:
             raise InputError(f"{self.checkpoint_path}: checkpoint has no restoration network; saliency unavailable")
         return saliency_for_display(guided_backprop(self.restoration, self._tensor(x)))[:, 0].float().cpu().numpy()
 
-    def denoise_normalized(self, x: np.ndarray) -> np.ndarray:
-        """Denoise an image already in the normalised range (2D or a stack of slices), float32."""
+    def _map_stack(self, x: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         a = _check_array(x).astype(np.float32, copy=False)
         stack = a[None] if a.ndim == 2 else a
         out = np.empty_like(stack, dtype=np.float32)
         for sl in self._batches(*stack.shape):
-            out[sl] = self._forward(stack[sl])
+            out[sl] = fn(stack[sl])
         return out[0] if a.ndim == 2 else out
+
+    def denoise_normalized(self, x: np.ndarray) -> np.ndarray:
+        """Denoise an image already in the normalised range (2D or a stack of slices), float32."""
+        return self._map_stack(x, self._forward)
 
     def saliency_normalized(self, x: np.ndarray) -> np.ndarray:
         """|GB| of the restoration net for an image in the normalised range, float32."""
-        a = _check_array(x).astype(np.float32, copy=False)
-        stack = a[None] if a.ndim == 2 else a
-        out = np.empty_like(stack, dtype=np.float32)
-        for sl in self._batches(*stack.shape):
-            out[sl] = self._gb(stack[sl])
-        return out[0] if a.ndim == 2 else out
+        return self._map_stack(x, self._gb)
 
     # ---- original-units API ----
     def normalizer(self, array: np.ndarray, modality: str | None) -> Normalizer:
