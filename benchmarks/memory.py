@@ -1,6 +1,6 @@
 """Peak memory of streaming denoising: a 512x512x300 int16 CT volume through ``Denoiser``.
 
-The measurement runs in a fresh child process (``ru_maxrss`` is a per-process high-water mark),
+The measurement runs in a fresh child process (its own ``VmHWM`` high-water mark, not the parent's),
 which records its peak resident set size (RSS) at three points:
 
 1. after importing the library and loading the model (the fixed cost of the process),
@@ -36,6 +36,14 @@ torch.set_num_threads(args["threads"])
 from FPDenoiseLib.inference import Denoiser
 
 def rss_mib():
+    # VmHWM is this process's own peak; ru_maxrss can carry the parent's peak over fork+exec.
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 den = Denoiser(args["model"], device="cpu", batch_size=args["batch_size"])
