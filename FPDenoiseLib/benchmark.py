@@ -41,7 +41,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -175,18 +174,10 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _atomic_write(path: Path, writer: Callable[[Any], Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            writer(fh)
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({err.strerror or err})") from err
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        writer(fh)
 
 
 def _write_results(path: Path, rows: list[dict]) -> None:

@@ -22,7 +22,6 @@ import io
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import CheckpointError, OutputError
+from .errors import CheckpointError
 from .models import build_model
 
 FORMAT = "fpdenoise-checkpoint/1"
@@ -117,23 +116,15 @@ def make_checkpoint(
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temp file in the destination folder, fsync, then rename into place."""
+    from .io import atomic_path  # lazy: keeps SimpleITK/pydicom out of checkpoint-only imports
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            buf = io.BytesIO()
-            torch.save(obj, buf)
-            fh.write(buf.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write checkpoint ({err.strerror or err})") from err
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(buf.getbuffer())
+        fh.flush()
+        os.fsync(fh.fileno())
     return path
 
 
