@@ -158,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         "docstring, quoted above. Synthetic phantoms are this project's own output (Apache-2.0).",
         "",
     ]
+    old_readme = out / "README.md"  # keep the hand-written real-data section (scripts/fetch_training_data.py)
+    marker = "## Real training data"
+    if old_readme.is_file() and marker in old_readme.read_text():
+        lines += [marker + old_readme.read_text().split(marker, 1)[1].rstrip("\n"), ""]
     _atomic(out / "README.md", lambda p: p.write_text("\n".join(lines)))
     print(f"wrote {len(rows)} files ({total / 1e6:.2f} MB) to {out}")
 
