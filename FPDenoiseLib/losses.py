@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .xai import guided_backprop
+from .xai import DEFAULT_READOUT, Readout, get_readout, guided_backprop
 
 
 class FPLoss(nn.Module):
@@ -41,10 +41,18 @@ class FPLoss(nn.Module):
         lam: weight of the FP term.
         gb_scale: mean squared GB of clean training images (normalises the FP term; see above).
         mode: "fp" (paper) or "mse" (ablation: residual loss only).
+        readout: GB readout of ``f`` (a name in :data:`FPDenoiseLib.xai.READOUTS` or a callable);
+            the clean maps and ``gb_scale`` must have been computed with the same readout.
     """
 
     def __init__(
-        self, restoration: nn.Module | None, *, lam: float = 1.0, mode: str = "fp", gb_scale: float = 1.0
+        self,
+        restoration: nn.Module | None,
+        *,
+        lam: float = 1.0,
+        mode: str = "fp",
+        gb_scale: float = 1.0,
+        readout: str | Readout = DEFAULT_READOUT,
     ) -> None:
         super().__init__()
         if mode not in ("fp", "mse"):
@@ -56,6 +64,8 @@ class FPLoss(nn.Module):
         if not gb_scale > 0:
             raise ValueError(f"gb_scale must be positive, got {gb_scale}")
         self.gb_scale = float(gb_scale)
+        get_readout(readout)  # fail early on an unknown name
+        self.readout = readout
         self.restoration = restoration
         if restoration is not None:
             restoration.eval()
@@ -65,7 +75,7 @@ class FPLoss(nn.Module):
     def gb_clean(self, clean: torch.Tensor) -> torch.Tensor:
         """GB of clean images (no graph): compute once per sample and pass it to ``forward``."""
         assert self.restoration is not None
-        return guided_backprop(self.restoration, clean, create_graph=False)
+        return guided_backprop(self.restoration, clean, create_graph=False, readout=self.readout)
 
     def forward(
         self,
@@ -82,7 +92,7 @@ class FPLoss(nn.Module):
             return residual, {"residual": r, "fp": 0.0, "total": r}
         if gb_clean is None:
             gb_clean = self.gb_clean(clean)
-        gb_den = guided_backprop(self.restoration, denoised, create_graph=True)
+        gb_den = guided_backprop(self.restoration, denoised, create_graph=True, readout=self.readout)
         fp = (gb_den - gb_clean).pow(2).mean() / self.gb_scale
         total = residual + self.lam * fp
         return total, {

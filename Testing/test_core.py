@@ -52,6 +52,7 @@ class _Tiny(nn.Module):
 
 
 def test_guided_backprop_equals_hand_computation():
+    """The guided rule, written out for the legacy energy readout 0.5*||f||^2 (seed = f(y))."""
     torch.manual_seed(3)
     net = _Tiny()
     with torch.no_grad():
@@ -60,7 +61,7 @@ def test_guided_backprop_equals_hand_computation():
         net.c2.weight.copy_(torch.tensor([0.7, 1.5, -1.0]).view(1, 3, 1, 1))
         net.c2.bias.fill_(-0.05)
     x = torch.linspace(-1, 1, 12).view(1, 1, 3, 4)
-    gb = guided_backprop(net, x)[0, 0].numpy()
+    gb = guided_backprop(net, x, readout="energy")[0, 0].numpy()
 
     w1, b1 = np.array([1.0, -2.0, 0.5]), np.array([0.1, 0.3, -0.2])
     w2, b2 = np.array([0.7, 1.5, -1.0]), -0.05
