@@ -550,7 +550,7 @@ def _gb_signed(feature_net: Any, stack: np.ndarray) -> np.ndarray:
     from .xai import guided_backprop
 
     t = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))[:, None].to(feature_net.device)
-    return guided_backprop(feature_net.restoration, t)[:, 0].float().cpu().numpy()
+    return guided_backprop(feature_net.restoration, t, readout=feature_net.readout)[:, 0].float().cpu().numpy()
 
 
 def _run_group(

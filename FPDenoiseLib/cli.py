@@ -203,7 +203,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
             items = None  # one series (or nothing readable: read_image says precisely why)
     if items is None:  # single input: output written at OUT itself (file or DICOM series folder)
         img = read_image(inp, series_uid=args.series)
-        den = Denoiser(args.model, device=args.device, batch_size=args.batch_size)
+        den = Denoiser(args.model, device=args.device, batch_size=args.batch_size, **_quality_kwargs(args))
         for w in _denoise_one(den, img, out, args, "denoise"):
             print(w)
         return 0
@@ -217,7 +217,7 @@ def _denoise_batch(inp: Path, out: Path, items: list, args: argparse.Namespace) 
 
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: batch mode writes one output per series into a folder, but this is a file")
-    den = Denoiser(args.model, device=args.device, batch_size=args.batch_size)  # one load for all items
+    den = Denoiser(args.model, device=args.device, batch_size=args.batch_size, **_quality_kwargs(args))  # one load for all items
     done, skipped, failed = [], [], []
     for i, (label, path, uid, name) in enumerate(items, 1):
         target = out / name
@@ -252,7 +252,7 @@ def cmd_saliency(args: argparse.Namespace) -> int:
 
     _check_out(args.input, args.output)
     img = read_image(args.input)
-    den = Denoiser(args.model, device=args.device, batch_size=args.batch_size)
+    den = Denoiser(args.model, device=args.device, batch_size=args.batch_size, **_quality_kwargs(args))
     cb, close = _progress_cb("saliency", args.progress_lines)
     try:
         sal = den.saliency_array(img.array, modality=img.modality, progress=cb)
@@ -292,6 +292,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_slices_per_volume=args.max_slices_per_volume,
         name=args.name,
         save_dtype=args.save_dtype,
+        zero_level_prob=args.zero_level_prob,
+        true_map_prob=args.true_map_prob,
     )
     path = train(cfg, resume=args.resume, progress_lines=args.progress_lines, print_digest=args.print_weight_digest)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
@@ -361,6 +363,18 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
 
 
+def _quality_kwargs(args: argparse.Namespace) -> dict:
+    return {"strength": getattr(args, "strength", 1.0), "ensemble": getattr(args, "ensemble", 1)}
+
+
+def _add_quality(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="denoising strength: scales the estimated noise map (0 = return the input exactly, "
+                        "0.5 low, 1 as trained, 1.5 high; range 0..3)")
+    p.add_argument("--ensemble", type=int, default=1, choices=[1, 2, 4, 8],
+                   help="test-time ensemble over flips/rotations (8 = all; ~N times slower, a little better)")
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
     p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
@@ -400,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="saliency maps in the output's format (a derived DICOM series for DICOM) or NRRD")
     p.add_argument("--series", default=None, metavar="UID", help="only the DICOM series with this SeriesInstanceUID")
     _add_model(p)
+    _add_quality(p)
     _add_device(p)
     p.set_defaults(func=cmd_denoise)
 
@@ -419,7 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", nargs="+", default=["mix"], help="mix or noise names")
     p.add_argument("--level-min", type=float, default=0.0, help="noise severity range (0..1)")
     p.add_argument("--level-max", type=float, default=0.6)
-    p.add_argument("--arch", default="unet", choices=["unet", "drunet"])
+    p.add_argument("--arch", default="unet", choices=["unet", "drunet", "resunet"],
+                   help="denoiser: unet (paper), drunet, resunet (fast noise-aware, the shipped default)")
+    p.add_argument("--zero-level-prob", type=float, default=0.0, help="fraction of clean (level 0) samples")
+    p.add_argument("--true-map-prob", type=float, default=0.5,
+                   help="resunet: fraction of samples given the true noise map instead of the estimate")
     p.add_argument("--base-channels", type=int, default=16)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--max-channels", type=int, default=128)

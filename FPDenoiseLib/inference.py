@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,13 +26,18 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .device import pick_device
 from .errors import InputError
 from .intensity import DEFAULT_POLICY, Normalizer, cast_like
-from .xai import guided_backprop, saliency_for_display
+from .models import ResUNet
+from .xai import DEFAULT_READOUT, guided_backprop, saliency_for_display
 
 Progress = Callable[[int, int], None]
 DEFAULT_MODEL_NAME = "fpdenoise_default.pt"
 # Pixel budget per batch: bounds activation memory independent of slice size (~1.5 GB on CPU
 # for the default U-Net at 2M pixels).
 MAX_BATCH_PIXELS = 2_000_000
+#: Test-time ensemble sizes: 1 (off), 2 (+ left-right flip), 4 (+ rotations by 90/180/270 deg),
+#: 8 (all flips and rotations; the dihedral group of the square).
+ENSEMBLE_SIZES = (1, 2, 4, 8)
+_DIHEDRAL = [(0, False), (0, True), (1, False), (2, False), (3, False), (1, True), (2, True), (3, True)]
 
 
 def resources_dir() -> Path:
@@ -88,7 +94,21 @@ class Denoiser:
         batch_size: slices per forward pass (also capped by :data:`MAX_BATCH_PIXELS`).
     """
 
-    def __init__(self, checkpoint: str | Path | None = None, *, device: str = "auto", batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        *,
+        device: str = "auto",
+        batch_size: int = 8,
+        strength: float = 1.0,
+        ensemble: int = 1,
+    ) -> None:
+        if not (math.isfinite(strength) and 0.0 <= strength <= 3.0):
+            raise InputError(f"strength must be in [0, 3] (1 = as trained, 0 = return the input), got {strength}")
+        if ensemble not in ENSEMBLE_SIZES:
+            raise InputError(f"ensemble must be one of {ENSEMBLE_SIZES} (flips/rotations averaged), got {ensemble}")
+        self.strength = float(strength)
+        self.ensemble = int(ensemble)
         self.checkpoint_path = Path(checkpoint) if checkpoint else default_model_path()
         self.ckpt = load_checkpoint(self.checkpoint_path)
         self.device = pick_device(device)
@@ -108,6 +128,8 @@ class Denoiser:
                     p.requires_grad_(False)
         self.policy = {**DEFAULT_POLICY, **self.ckpt.get("normalization", {})}
         self.name = self.ckpt.get("training", {}).get("name") or self.checkpoint_path.stem
+        # the feature the model was trained to preserve; older checkpoints get the current default
+        self.readout = self.ckpt.get("training", {}).get("readout") or DEFAULT_READOUT
 
     # ---- normalised-range API (benchmark, training validation) ----
     def _batches(self, n: int, h: int, w: int) -> list[slice]:
@@ -118,14 +140,42 @@ class Denoiser:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None].to(self.device)
         return t.contiguous(memory_format=torch.channels_last)
 
+    def _net(self, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.model, ResUNet):
+            return self.model(t, strength=self.strength)
+        out = self.model(t)
+        # networks without a noise-map input: strength blends between input and output
+        return out if self.strength == 1.0 else t + self.strength * (out - t)
+
     def _forward(self, x: np.ndarray) -> np.ndarray:
+        if self.strength == 0.0:
+            return np.array(x, dtype=np.float32, copy=True)
         with torch.inference_mode():
-            return self.model(self._tensor(x))[:, 0].float().cpu().numpy()
+            t = self._tensor(x)
+            if self.ensemble == 1:
+                return self._net(t)[:, 0].float().cpu().numpy()
+            acc = torch.zeros_like(t)
+            for k, flip in _DIHEDRAL[: self.ensemble]:
+                v = torch.rot90(t.flip(-1) if flip else t, k, (-2, -1))
+                y = torch.rot90(self._net(v.contiguous(memory_format=torch.channels_last)), -k, (-2, -1))
+                acc += y.flip(-1) if flip else y
+            return (acc / self.ensemble)[:, 0].float().cpu().numpy()
+
+    def noise_map_normalized(self, x: np.ndarray) -> np.ndarray:
+        """The model's estimate of the local noise level (std, normalised units) of ``x``."""
+        if not isinstance(self.model, ResUNet):
+            raise InputError(f"{self.checkpoint_path}: this model has no noise-level estimator")
+
+        def fn(b: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return self.model.estimate_noise(self._tensor(b))[:, 0].float().cpu().numpy()
+
+        return self._map_stack(x, fn)
 
     def _gb(self, x: np.ndarray) -> np.ndarray:
         if self.restoration is None:
             raise InputError(f"{self.checkpoint_path}: checkpoint has no restoration network; saliency unavailable")
-        return saliency_for_display(guided_backprop(self.restoration, self._tensor(x)))[:, 0].float().cpu().numpy()
+        return saliency_for_display(guided_backprop(self.restoration, self._tensor(x), readout=self.readout))[:, 0].float().cpu().numpy()
 
     def _map_stack(self, x: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         a = _check_array(x).astype(np.float32, copy=False)

@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -223,6 +225,150 @@ class DRUNet(nn.Module):
         return y[..., :h, :w]
 
 
+def local_noise_map(noise: torch.Tensor, radius: float = 2.0) -> torch.Tensor:
+    """Local RMS of a noise realisation ``noise`` (N,1,H,W): ``sqrt(G_radius * noise^2)``.
+
+    The supervision target of :class:`NoiseLevelEstimator` and the map :class:`ResUNet` is
+    trained with. Signal-dependent noise (Poisson, Rician, speckle) and local artifacts get a
+    map that varies over the image; white Gaussian noise gets a flat map equal to its sigma.
+    """
+    k = int(math.ceil(3 * radius))
+    t = torch.arange(-k, k + 1, dtype=noise.dtype, device=noise.device)
+    g = torch.exp(-0.5 * (t / radius) ** 2)
+    g = g / g.sum()
+    e = noise.pow(2)
+    e = F.conv2d(F.pad(e, (k, k, 0, 0), mode="replicate"), g.view(1, 1, 1, -1))
+    e = F.conv2d(F.pad(e, (0, 0, k, k), mode="replicate"), g.view(1, 1, -1, 1))
+    return e.clamp_min(0).sqrt()
+
+
+class NoiseLevelEstimator(nn.Module):
+    """Small CNN that predicts the local noise-level map (normalised units) of an image.
+
+    Works at half resolution (pixel-unshuffle) for speed; the output is non-negative
+    (softplus) and smoothed, then up-sampled back to full resolution.
+    """
+
+    def __init__(self, unshuffle: int = 2, channels: int = 24, depth: int = 5) -> None:
+        super().__init__()
+        u2 = unshuffle**2
+        self.unshuffle = unshuffle
+        layers: list[nn.Module] = [nn.Conv2d(u2, channels, 3, padding=1), GuidedReLU()]
+        for _ in range(depth - 2):
+            layers += [nn.Conv2d(channels, channels, 3, padding=1), GuidedReLU()]
+        layers.append(nn.Conv2d(channels, 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(F.pixel_unshuffle(x, self.unshuffle))
+        # softplus keeps the map >= 0; the 0.1 scale puts typical sigmas (0.005-0.15) near z ~ 0
+        s = 0.1 * F.softplus(z - 2.0)
+        s = F.avg_pool2d(s, 5, stride=1, padding=2, count_include_pad=False)
+        return F.interpolate(s, scale_factor=self.unshuffle, mode="bilinear", align_corners=False)
+
+
+class ResUNet(nn.Module):
+    """Fast noise-aware residual U-Net (the default denoiser).
+
+    Pixel-unshuffle (x2) in, four levels of residual blocks (channels 16-32-64-128 by default,
+    strided-conv down, transposed-conv up, additive skips), pixel-shuffle out, global residual
+    ``D(y) = y + R(y, m)``. ``m`` is a noise-level map given as an extra input channel, as in
+    DPIR/FFDNet; when not given it is predicted by a built-in :class:`NoiseLevelEstimator`
+    (blind denoising). ``strength`` scales the map: 0 returns the input exactly, < 1 denoises
+    less, > 1 more (the Low / Medium / High of commercial deep-learning reconstruction).
+
+    Working at half resolution makes it ~4x cheaper than a full-resolution U-Net of the same
+    width, which is what keeps a 512x512 slice under 0.1 s on two CPU cores.
+
+    >>> net = ResUNet(channels=(4, 8, 8, 8), blocks=1)
+    >>> net(torch.zeros(1, 1, 37, 50)).shape
+    torch.Size([1, 1, 37, 50])
+    """
+
+    MAP_SCALE = 10.0  # map values ~0.01-0.15 -> ~0.1-1.5 at the input, like the image channel
+
+    def __init__(
+        self,
+        channels: tuple[int, ...] | list[int] = (16, 32, 64, 128),
+        blocks: int = 2,
+        unshuffle: int = 2,
+        estimator_channels: int = 24,
+        estimator_depth: int = 5,
+    ) -> None:
+        super().__init__()
+        channels = [int(c) for c in channels]
+        if len(channels) < 2 or min(channels) < 1 or blocks < 1 or unshuffle < 1:
+            raise ValueError("ResUNet needs >= 2 levels, positive channels, blocks >= 1 and unshuffle >= 1")
+        self.config = {
+            "arch": "resunet",
+            "channels": channels,
+            "blocks": blocks,
+            "unshuffle": unshuffle,
+            "estimator_channels": estimator_channels,
+            "estimator_depth": estimator_depth,
+        }
+        self.unshuffle = unshuffle
+        self.multiple = unshuffle * 2 ** (len(channels) - 1)
+        u2 = unshuffle**2
+        c = channels
+        self.estimator = NoiseLevelEstimator(unshuffle, estimator_channels, estimator_depth)
+        self.head = nn.Conv2d(2 * u2, c[0], 3, padding=1, bias=False)
+        self.encoders = nn.ModuleList(nn.Sequential(*[_ResBlock(c[i]) for _ in range(blocks)]) for i in range(len(c) - 1))
+        self.downs = nn.ModuleList(nn.Conv2d(c[i], c[i + 1], 2, stride=2, bias=False) for i in range(len(c) - 1))
+        self.body = nn.Sequential(*[_ResBlock(c[-1]) for _ in range(blocks)])
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose2d(c[i + 1], c[i], 2, stride=2, bias=False) for i in reversed(range(len(c) - 1))
+        )
+        self.decoders = nn.ModuleList(
+            nn.Sequential(*[_ResBlock(c[i]) for _ in range(blocks)]) for i in reversed(range(len(c) - 1))
+        )
+        self.tail = nn.Conv2d(c[0], u2, 3, padding=1, bias=False)
+        nn.init.zeros_(self.tail.weight)  # starts as the identity
+
+    def estimate_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted local noise-level map of ``x`` (same shape, normalised units)."""
+        xp, (h, w) = _pad_to_multiple(x, self.multiple)
+        return self.estimator(xp)[..., :h, :w]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        noise_map: torch.Tensor | None = None,
+        strength: float = 1.0,
+        return_map: bool = False,
+        teacher_mask: torch.Tensor | None = None,
+    ):
+        """Denoise ``x``; ``noise_map`` (broadcastable to ``x``) overrides the estimate.
+
+        ``teacher_mask`` (training only, bool per sample): use ``noise_map`` for these samples
+        and the detached estimate for the others; the estimate is returned for its own loss.
+        """
+        if strength == 0:  # exact identity, not a learned approximation of it
+            out = x.clone()
+            return (out, torch.zeros_like(x)) if return_map else out
+        xp, (h, w) = _pad_to_multiple(x, self.multiple)
+        est = self.estimator(xp) if (noise_map is None or return_map) else None
+        if noise_map is None:
+            m = est
+        else:
+            m, _ = _pad_to_multiple(noise_map.expand_as(x), self.multiple)
+            if teacher_mask is not None:
+                m = torch.where(teacher_mask.view(-1, 1, 1, 1), m, est.detach())
+        u = self.unshuffle
+        inp = torch.cat([F.pixel_unshuffle(xp, u), F.pixel_unshuffle(m * (strength * self.MAP_SCALE), u)], dim=1)
+        y = self.head(inp)
+        skips = []
+        for enc, down in zip(self.encoders, self.downs):  # noqa: B905 (Python 3.9 has no strict=)
+            y = enc(y)
+            skips.append(y)
+            y = down(y)
+        y = self.body(y)
+        for up, dec in zip(self.ups, self.decoders):  # noqa: B905
+            y = dec(up(y) + skips.pop())
+        out = (xp + F.pixel_shuffle(self.tail(y), u))[..., :h, :w]
+        return (out, est[..., :h, :w]) if return_map else out
+
+
 def _estimate_sigma(x: torch.Tensor) -> torch.Tensor:
     """Per-image noise std from the median absolute Laplacian-like high-pass (Donoho MAD)."""
     d = (x[..., 1:, 1:] - x[..., :-1, 1:] - x[..., 1:, :-1] + x[..., :-1, :-1]) / 2.0
@@ -242,6 +388,8 @@ def build_model(config: dict) -> nn.Module:
             return UNet(**cfg)
         if arch == "drunet":
             return DRUNet(**cfg)
+        if arch == "resunet":
+            return ResUNet(**cfg)
     except TypeError as err:
         raise CheckpointError(f"model config does not match architecture {arch!r}: {err}") from err
-    raise CheckpointError(f"unknown architecture {arch!r} (known: unet, drunet)")
+    raise CheckpointError(f"unknown architecture {arch!r} (known: unet, drunet, resunet)")

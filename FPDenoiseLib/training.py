@@ -37,8 +37,8 @@ from .device import pick_device
 from .errors import CheckpointError, InputError
 from .intensity import DEFAULT_POLICY
 from .losses import FPLoss
-from .models import build_model
-from .xai import guided_backprop
+from .models import ResUNet, build_model, local_noise_map
+from .xai import DEFAULT_READOUT, guided_backprop
 
 STAGES = ("restoration", "denoiser", "both")
 
@@ -84,8 +84,20 @@ class TrainConfig:
     max_slices_per_volume: int | None = 64
     name: str | None = None
     save_dtype: str = "float32"  # "float16" halves the shipped file
+    # Noise-aware denoisers (arch "resunet"): fraction of samples left clean (the identity must be
+    # learned exactly, not only approximately at small levels), fraction of samples fed the true
+    # local noise map instead of the estimator's (so the map input, and hence --strength, has a
+    # meaning), and the weight of the estimator's L1 loss against the true map.
+    readout: str = DEFAULT_READOUT  # what GB explains (see FPDenoiseLib.xai.READOUTS)
+    zero_level_prob: float = 0.0
+    true_map_prob: float = 0.5
+    map_weight: float = 0.1
 
     def model_config(self, role: str) -> dict:
+        if self.arch == "resunet" and role == "denoiser":
+            b = self.base_channels
+            return {"arch": "resunet", "channels": [b, 2 * b, 4 * b, 8 * b], "blocks": 2, "unshuffle": 2,
+                    "estimator_channels": 24, "estimator_depth": 5}
         if self.arch == "drunet" and role == "denoiser":
             return {"arch": "drunet", "base_channels": self.base_channels, "blocks": 2, "noise_level_map": False, "residual": True}
         return {
@@ -148,7 +160,7 @@ class BatchSchedule:
         return np.asarray(self._order[pos * self.batch_size : (pos + 1) * self.batch_size])
 
 
-def _noise_fn(names: Sequence[str], level_range: tuple[float, float]) -> Callable:
+def _noise_fn(names: Sequence[str], level_range: tuple[float, float], zero_prob: float = 0.0) -> Callable:
     from .noise import NOISE_NAMES, add_noise
 
     pool = list(NOISE_NAMES) if (not names or list(names) == ["mix"]) else list(names)
@@ -161,6 +173,9 @@ def _noise_fn(names: Sequence[str], level_range: tuple[float, float]) -> Callabl
         for i in range(batch.shape[0]):
             name = pool[int(rng.integers(len(pool)))]
             level = float(rng.uniform(*level_range))
+            if zero_prob > 0 and rng.random() < zero_prob:
+                out[i, 0] = batch[i, 0]
+                continue
             out[i, 0] = add_noise(batch[i, 0], name, level=level, seed=rng)
         return out
 
@@ -375,7 +390,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
     bank_np, val_np, sources = build_bank(cfg)
     info["data_sources"] = sources
     bank = torch.from_numpy(bank_np).to(device)
-    noise = _noise_fn(cfg.noises, tuple(cfg.level_range))
+    noise = _noise_fn(cfg.noises, tuple(cfg.level_range), cfg.zero_level_prob)
+    val_noise = _noise_fn(cfg.noises, tuple(cfg.level_range))
     save_dtype = torch.float16 if cfg.save_dtype == "float16" else None
 
     def saver(models: dict[str, nn.Module]) -> Callable[[int, dict], None]:
@@ -404,20 +420,35 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         gb_scale = 1.0
         if cfg.loss == "fp":
             # GB(clean) is fixed for a fixed f: computed once here, indexed every step.
-            gb_bank = torch.cat([guided_backprop(f, bank[i : i + 64]) for i in range(0, len(bank), 64)])
+            gb_bank = torch.cat(
+                [guided_backprop(f, bank[i : i + 64], readout=cfg.readout) for i in range(0, len(bank), 64)]
+            )
             gb_scale = float(gb_bank.pow(2).mean().clamp_min(1e-30))
         info["gb_scale"] = gb_scale
-        loss_fn = FPLoss(f if cfg.loss == "fp" else None, lam=cfg.lam, mode=cfg.loss, gb_scale=gb_scale)
+        loss_fn = FPLoss(f if cfg.loss == "fp" else None, lam=cfg.lam, mode=cfg.loss, gb_scale=gb_scale,
+                         readout=cfg.readout)
+
+        noise_aware = isinstance(D, ResUNet)
 
         def step_den(idx: np.ndarray, rng: np.random.Generator, net: nn.Module):
             ti = torch.from_numpy(idx).to(device)
             clean = bank[ti]
             noisy = torch.from_numpy(noise(bank_np[idx], rng)).to(device)
-            return loss_fn(net(noisy), noisy, clean, None if gb_bank is None else gb_bank[ti])
+            gb = None if gb_bank is None else gb_bank[ti]
+            if not noise_aware:
+                return loss_fn(net(noisy), noisy, clean, gb)
+            target = local_noise_map(noisy - clean)
+            teacher = torch.from_numpy(rng.random(len(idx)) < cfg.true_map_prob).to(device)
+            den, est = net(noisy, noise_map=target, teacher_mask=teacher, return_map=True)
+            loss, parts = loss_fn(den, noisy, clean, gb)
+            map_loss = (est - target).abs().mean()
+            loss = loss + cfg.map_weight * map_loss
+            parts = {**parts, "map": float(map_loss.detach()), "total": float(loss.detach())}
+            return loss, parts
 
         models = {"denoiser": D, "restoration": f}
         _run_stage("denoiser", D, cfg, cfg.steps, step_den, len(bank), saver(models), state, device,
-                   lambda: _validate(D, val_np, noise, cfg.seed, device), progress_lines, history)
+                   lambda: _validate(D, val_np, val_noise, cfg.seed, device), progress_lines, history)
         final_models = models
     else:
         final_models = {"restoration": f}

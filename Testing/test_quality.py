@@ -1,0 +1,113 @@
+"""The shipped default model on a real CT slice: identity at strength 0 and on clean input, a
+calibrated noise-level estimate, and better than NL-means at Gaussian 5 % (seeded, with margin).
+
+The slice (``Resources/TestData/real_ct_lung1_slice.nrrd``) is real chest CT from the training
+patient; the held-out benchmark (``benchmarks/quality.py``) is the model's actual judge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from FPDenoiseLib import baselines
+from FPDenoiseLib.inference import Denoiser, default_model_path, resources_dir
+from FPDenoiseLib.intensity import Normalizer
+from FPDenoiseLib.io import read_image
+from FPDenoiseLib.metrics import psnr
+from FPDenoiseLib.models import ResUNet
+
+SLICE = resources_dir() / "TestData" / "real_ct_lung1_slice.nrrd"
+
+
+@pytest.fixture(scope="module")
+def real_slice() -> np.ndarray:
+    return np.asarray(read_image(SLICE).array, dtype=np.float32).squeeze()
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Denoiser:
+    return Denoiser(device="cpu")
+
+
+def test_shipped_default_is_the_noise_aware_model(shipped):
+    assert isinstance(shipped.model, ResUNet)
+    assert default_model_path().stat().st_size <= 10 * 2**20
+
+
+def test_strength_zero_is_exact_identity(shipped, real_slice):
+    den = Denoiser(device="cpu", strength=0.0)
+    noisy = real_slice + np.random.default_rng(0).normal(0, 80, real_slice.shape).astype(np.float32)
+    out = den.denoise_array(noisy, modality="CT")
+    assert np.array_equal(out, noisy)
+    # the network itself, not only the Denoiser wrapper
+    x = torch.rand(1, 1, 40, 56)
+    assert torch.equal(shipped.model(x, strength=0.0), x)
+
+
+def test_strength_scales_the_correction(real_slice):
+    noisy = real_slice + np.random.default_rng(1).normal(0, 100, real_slice.shape).astype(np.float32)
+    change = []
+    for s in (0.5, 1.0, 1.5):
+        out = Denoiser(device="cpu", strength=s).denoise_array(noisy, modality="CT")
+        change.append(float(np.abs(out - noisy).mean()))
+    assert change[0] < change[1] < change[2], change
+
+
+def test_clean_real_slice_is_left_alone(shipped, real_slice):
+    out = shipped.denoise_array(real_slice, modality="CT")
+    rng = float(real_slice.max() - real_slice.min())
+    assert psnr(real_slice, out, data_range=rng) >= 50.0
+    body = real_slice > -500
+    assert abs(float((out - real_slice)[body].mean())) <= 2.0
+
+
+@pytest.mark.parametrize("pct", [1, 2, 5, 10])
+def test_noise_level_estimate_within_20_percent(shipped, real_slice, pct):
+    norm = Normalizer.for_array(real_slice, modality="CT")
+    x = norm.forward(real_slice)
+    sigma = pct / 100 * float(x.max() - x.min())
+    noisy = x + np.random.default_rng(pct).normal(0, sigma, x.shape).astype(np.float32)
+    est = shipped.noise_map_normalized(noisy)
+    body = real_slice > -500
+    ratio = float(np.median(est[body])) / sigma
+    assert 0.8 <= ratio <= 1.2, f"estimated/true sigma = {ratio:.3f} at {pct} %"
+
+
+def test_beats_nlmeans_at_gaussian_5_percent(shipped, real_slice):
+    norm = Normalizer.for_array(real_slice, modality="CT")
+    x = norm.forward(real_slice)
+    rng = float(x.max() - x.min())
+    noisy = x + np.random.default_rng(5).normal(0, 0.05 * rng, x.shape).astype(np.float32)
+    ours = psnr(x, shipped.denoise_normalized(noisy), data_range=rng)
+    nlm = psnr(x, baselines.denoise("nlmeans", noisy), data_range=rng)
+    assert ours >= nlm + 0.5, f"ours {ours:.2f} dB vs NL-means {nlm:.2f} dB"
+
+
+def test_ensemble_matches_single_pass_closely(shipped, real_slice):
+    x = Normalizer.for_array(real_slice, modality="CT").forward(real_slice)[:128, :160]
+    noisy = x + np.random.default_rng(2).normal(0, 0.02, x.shape).astype(np.float32)
+    single = shipped.denoise_normalized(noisy)
+    ens = Denoiser(device="cpu", ensemble=8).denoise_normalized(noisy)
+    assert ens.shape == single.shape and not np.array_equal(ens, single)
+    assert float(np.abs(ens - single).mean()) < 0.25 * float(np.abs(single - noisy).mean())
+
+
+def test_bad_strength_and_ensemble_are_refused():
+    from FPDenoiseLib.errors import InputError
+
+    with pytest.raises(InputError, match="strength"):
+        Denoiser(device="cpu", strength=-1)
+    with pytest.raises(InputError, match="ensemble"):
+        Denoiser(device="cpu", ensemble=3)
+
+
+def test_twin_is_shipped_beside_the_default():
+    twin = Path(default_model_path()).with_name("fpdenoise_mse_twin.pt")
+    assert twin.exists()
+    den = Denoiser(twin, device="cpu")
+    assert den.ckpt["training"]["loss"] == "mse"
+    assert den.ckpt["models"]["denoiser"]["config"] == Denoiser(device="cpu").ckpt["models"]["denoiser"]["config"]
