@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -498,6 +499,10 @@ def cmd_view(argv: list[str]) -> int:
     return int(view_main(argv) or 0)
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"fpdenoise: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["view"]:
@@ -508,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Library warnings (e.g. a DICOM without usable pixel spacing) as one line each, not file:line + source.
+    warnings.formatwarning = _warning_line
     try:
         return int(args.func(args) or 0)
     except FPDenoiseError as err:

@@ -647,12 +647,63 @@ def _vec(ds, name, n, f, default=None):
         raise InputError(f"{f}: invalid {name} {v!r}") from err
 
 
+def _pixel_spacing(ds, f: Path) -> np.ndarray | None:
+    """In-plane (row, column) spacing in mm, or None when unknown.
+
+    Zero, negative or non-finite values are "unknown", not a spacing: real CR/DX exports carry
+    ``PixelSpacing`` = [0, 0] for an uncalibrated detector, and SimpleITK refuses to write such an image
+    ("Zero-valued spacing"). Then ``ImagerPixelSpacing`` (the detector's pitch) is the best estimate.
+    """
+    for name in ("PixelSpacing", "ImagerPixelSpacing"):
+        ps = _vec(ds, name, 2, f)
+        if ps is not None and bool(np.all(np.isfinite(ps))) and bool(np.all(ps > 0)):
+            return ps
+    return None
+
+
+class UnknownSpacingWarning(UserWarning):
+    """A DICOM image without a usable pixel spacing was read with 1.0 mm (see :func:`read_image`)."""
+
+
+def _monochrome1_range(ds) -> tuple[float, float] | None:
+    """``(lo, hi)`` modality values of the stored range of a MONOCHROME1 header, else None.
+
+    MONOCHROME1 means "the minimum value is white". Readers here turn it into MONOCHROME2 meaning
+    (``lo + hi - value``: bone bright, as the models were trained and as PNG panels and Slicer show
+    intensities); the DICOM writer applies the same involution again for a MONOCHROME1 template, so
+    a written file keeps the input's photometric meaning.
+    """
+    pi = str(getattr(ds, "PhotometricInterpretation", "") or "").strip().upper()
+    if pi != "MONOCHROME1":
+        return None
+    bits = int(getattr(ds, "BitsStored", 0) or getattr(ds, "BitsAllocated", 16) or 16)
+    if int(getattr(ds, "PixelRepresentation", 0) or 0) == 1:
+        smin, smax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        smin, smax = 0, 2**bits - 1
+    m = float(getattr(ds, "RescaleSlope", 1) or 1)
+    b = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    lo, hi = sorted((b + m * smin, b + m * smax))
+    return lo, hi
+
+
+def _flip_monochrome1(array: np.ndarray, lohi: tuple[float, float]) -> np.ndarray:
+    """``lo + hi - array`` in the array's dtype when the result fits it exactly (it does for values in
+    [lo, hi]), else float32."""
+    lo, hi = lohi
+    v = (lo + hi) - array.astype(np.float64)
+    if array.dtype.kind in "iu":
+        info = np.iinfo(array.dtype)
+        if v.size == 0 or (v.min() >= info.min and v.max() <= info.max and lo + hi == int(lo + hi)):
+            return v.astype(array.dtype)
+        return v.astype(np.float32)
+    return v.astype(array.dtype if array.dtype.kind == "f" else np.float32)
+
+
 def _frame_geometry(ds, f: Path, n_frames: int):
     """(positions or None, iop, pixel_spacing, thickness) for one (possibly enhanced multi-frame) file."""
     iop = _vec(ds, "ImageOrientationPatient", 6, f)
-    ps = _vec(ds, "PixelSpacing", 2, f)
-    if ps is None:
-        ps = _vec(ds, "ImagerPixelSpacing", 2, f)
+    ps = _pixel_spacing(ds, f)
     thick = getattr(ds, "SpacingBetweenSlices", None) or getattr(ds, "SliceThickness", None)
     ipp = _vec(ds, "ImagePositionPatient", 3, f)
     positions = [ipp] * n_frames if ipp is not None and n_frames == 1 else None
@@ -668,7 +719,7 @@ def _frame_geometry(ds, f: Path, n_frames: int):
         iop = fg(sh, "PlaneOrientationSequence", "ImageOrientationPatient", 6) if iop is None else iop
         pm = getattr(sh, "PixelMeasuresSequence", None)
         if pm:
-            ps = _vec(pm[0], "PixelSpacing", 2, f) if ps is None else ps
+            ps = _pixel_spacing(pm[0], f) if ps is None else ps
             thick = thick or getattr(pm[0], "SpacingBetweenSlices", None) or getattr(pm[0], "SliceThickness", None)
     if per_frame and len(per_frame) == n_frames:
         pos = [fg(it, "PlanePositionSequence", "ImagePositionPatient", 3) for it in per_frame]
@@ -678,7 +729,7 @@ def _frame_geometry(ds, f: Path, n_frames: int):
             iop = fg(per_frame[0], "PlaneOrientationSequence", "ImageOrientationPatient", 6)
         if ps is None:
             pm = getattr(per_frame[0], "PixelMeasuresSequence", None)
-            ps = _vec(pm[0], "PixelSpacing", 2, f) if pm else None
+            ps = _pixel_spacing(pm[0], f) if pm else None
     elif positions is None and ipp is not None:
         positions = None  # multi-frame without per-frame positions: origin + uniform spacing below
     return positions, iop, ps, thick, ipp
@@ -721,7 +772,12 @@ def _read_dicom_files(files: list[Path], where: Path) -> Image:
             raise InputError(f"{where}: slices have different ImageOrientationPatient (mixed orientations)")
     r, c = iop[:3], iop[3:]
     nrm = np.cross(r, c)
-    ps = first[4] if first[4] is not None else np.array([1.0, 1.0])
+    ps = first[4]
+    if ps is None:
+        # one line (the CLI prints warnings as "warning: ..."): measurements in mm are then nominal
+        warnings.warn(f"{where}: no valid PixelSpacing/ImagerPixelSpacing; assuming 1.0 mm pixels",
+                      UnknownSpacingWarning, stacklevel=3)
+        ps = np.array([1.0, 1.0])
     thick = float(first[5]) if first[5] not in (None, "") else 1.0
 
     if len(slices) == 1:
@@ -753,6 +809,9 @@ def _read_dicom_files(files: list[Path], where: Path) -> Image:
         headers = [s[0] for s in slices]
 
     array = _apply_rescale(stack, slope_i, inter_i)
+    mono1 = _monochrome1_range(headers[0])
+    if mono1 is not None:
+        array = _flip_monochrome1(array, mono1)
     is_2d = stack.shape[0] == 1 and len(slices) == 1
     direction = (r[0], c[0], nrm[0], r[1], c[1], nrm[1], r[2], c[2], nrm[2])
     spacing = (float(ps[1]), float(ps[0]), float(dz) if dz else 1.0)
@@ -1167,6 +1226,30 @@ def _encode_values(arr: np.ndarray, tmpl) -> tuple[np.ndarray, str, str, int]:
     return s.astype(np.int16), m_s, b_s, 1
 
 
+def _encode_photometric(arr: np.ndarray, base) -> tuple[np.ndarray, str, str, int, int, str]:
+    """:func:`_encode_values` plus ``(BitsStored, PhotometricInterpretation)`` for the written file.
+
+    A MONOCHROME1 template keeps MONOCHROME1: the in-memory MONOCHROME2 values are flipped back over
+    the template's stored range (same BitsStored, slope and intercept, so the window tags copied from
+    the template keep their meaning and a re-read flips to the same values). When the result does not
+    fit that range, MONOCHROME2 with the in-memory values is written instead: it displays the same.
+    """
+    arr = np.asarray(arr)
+    mono1 = _monochrome1_range(base) if base is not None else None
+    if mono1 is not None and arr.dtype.kind in "iu":
+        flipped = _flip_monochrome1(arr, mono1)
+        stored, slope, inter, pixrep = _encode_values(flipped, base)
+        bits = int(getattr(base, "BitsStored", 0) or 16)
+        same_rescale = (float(slope) == float(getattr(base, "RescaleSlope", 1) or 1)
+                        and float(inter) == float(getattr(base, "RescaleIntercept", 0) or 0)
+                        and pixrep == int(getattr(base, "PixelRepresentation", 0) or 0))
+        smin, smax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if pixrep else (0, 2**bits - 1)
+        if same_rescale and 1 <= bits <= 16 and (stored.size == 0 or (stored.min() >= smin and stored.max() <= smax)):
+            return stored, slope, inter, pixrep, bits, "MONOCHROME1"
+    stored, slope, inter, pixrep = _encode_values(arr, base)
+    return stored, slope, inter, pixrep, 16, "MONOCHROME2"
+
+
 def _new_dicom_base(image: Image, modality: str):
     """Minimal patient/study/equipment header for a DICOM written from a non-DICOM source."""
     from pydicom.dataset import Dataset
@@ -1219,7 +1302,7 @@ def _write_dicom(image: Image, arr: np.ndarray, path: Path, *, like: Image | Non
     headers = (like.dicom_headers if like is not None and like.dicom_headers else None) or image.dicom_headers
     per_slice = bool(headers) and len(headers) == nz
     base = None if not headers else headers[0]
-    stored, slope, inter, pixrep = _encode_values(arr, base)
+    stored, slope, inter, pixrep, bits_stored, photometric = _encode_photometric(arr, base)
 
     d = np.asarray(image.direction, dtype=float).reshape(3, 3)
     row, col, nrm = d[:, 0], d[:, 1], d[:, 2]
@@ -1275,10 +1358,9 @@ def _write_dicom(image: Image, arr: np.ndarray, path: Path, *, like: Image | Non
         ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
         ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
         ds.SamplesPerPixel = 1
-        pi = str(getattr(ds, "PhotometricInterpretation", "") or "")
-        ds.PhotometricInterpretation = pi if pi in ("MONOCHROME1", "MONOCHROME2") else "MONOCHROME2"
+        ds.PhotometricInterpretation = photometric
         ds.Rows, ds.Columns = int(arr.shape[1]), int(arr.shape[2])
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
         ds.PixelRepresentation = pixrep
         ds.RescaleSlope, ds.RescaleIntercept = slope, inter
         if has_plane:
@@ -1291,10 +1373,14 @@ def _write_dicom(image: Image, arr: np.ndarray, path: Path, *, like: Image | Non
                 ds.SliceThickness = _ds(sz)
             if "SpacingBetweenSlices" in ds or nz > 1:
                 ds.SpacingBetweenSlices = _ds(sz)
-        if "ImagerPixelSpacing" in ds and "PixelSpacing" not in ds:
-            ds.ImagerPixelSpacing = [_ds(sy), _ds(sx)]
-        else:
+        tmpl_ps = None if tmpl is None else _vec(tmpl, "PixelSpacing", 2, path)
+        if tmpl is None or (tmpl_ps is not None and bool(np.all(tmpl_ps > 0))):
             ds.PixelSpacing = [_ds(sy), _ds(sx)]
+        elif "ImagerPixelSpacing" in ds and "PixelSpacing" not in ds:
+            ds.ImagerPixelSpacing = [_ds(sy), _ds(sx)]
+        # else: the source's spacing was unknown (read as ImagerPixelSpacing or 1.0 mm): its tags are
+        # kept as they were, so an assumption never becomes a calibration in a patient file
+
         plane = np.ascontiguousarray(stored[k]).astype(stored.dtype.newbyteorder("<"), copy=False)
         ds.PixelData = plane.tobytes()
         ds["PixelData"].VR = "OW"

@@ -103,3 +103,46 @@ def tree_hash(path: Path) -> dict[str, str]:
 
 def read_dicom_dir(folder: Path) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(p) for p in sorted(Path(folder).iterdir())]
+
+
+def write_chest_cr(path: Path, *, photometric: str = "MONOCHROME1", pixel_spacing=("0", "0"),
+                   imager_pixel_spacing=None, ny: int = 48, nx: int = 40) -> np.ndarray:
+    """A chest CR like the public conformance file of issue 9 (12-bit, MONOCHROME1, ``PixelSpacing``
+    present but ``[0, 0]``, no ``ImagerPixelSpacing``); returns the stored values.
+
+    Written uncompressed (explicit VR LE): the real file is JPEG 2000, but decoding that needs an
+    optional plugin (pylibjpeg-openjpeg / GDCM), and the quirks under test are header-level, not
+    codec-level. Air is stored high and a "bone" disc low, as MONOCHROME1 stores them (min = white).
+    ``pixel_spacing=None`` leaves the tag out.
+    """
+    y, x = np.mgrid[:ny, :nx]
+    stored = np.full((ny, nx), 3800, np.uint16)  # air: black in MONOCHROME1
+    stored[((y - ny / 2) / (ny * 0.4)) ** 2 + ((x - nx / 2) / (nx * 0.35)) ** 2 < 1] = 2500  # soft tissue
+    stored[np.hypot(y - ny / 2, x - nx / 2) < ny * 0.12] = 300  # bone: white in MONOCHROME1
+    stored = stored + np.random.default_rng(3).integers(0, 60, stored.shape).astype(np.uint16)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.PatientName, ds.PatientID = "Chest^CR", "CR001"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "CR"
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.BodyPartExamined = "CHEST"
+    if pixel_spacing is not None:
+        ds.PixelSpacing = list(pixel_spacing)
+    if imager_pixel_spacing is not None:
+        ds.ImagerPixelSpacing = list(imager_pixel_spacing)
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.WindowCenter, ds.WindowWidth = "2048", "4096"
+    ds.PixelData = stored.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return stored

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,13 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import tifffile
-from io_helpers import ct_dataset, tree_hash, write_ct_series
+from io_helpers import ct_dataset, tree_hash, write_chest_cr, write_ct_series
 from PIL import Image as PILImage
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from FPDenoiseLib.errors import FPDenoiseError, InputError, OutputError
-from FPDenoiseLib.io import Image, read_image, write_image
+from FPDenoiseLib.io import Image, UnknownSpacingWarning, read_image, write_image
 
 TESTDATA = Path(pydicom.__file__).parent / "data" / "test_files"
 IOP = (1, 0, 0, 0, 1, 0)
@@ -301,11 +302,78 @@ def test_bad_input(tmp_path, make, expect):
     assert tree_hash(src_dir) == before  # input untouched
 
 
+# ----------------------------------------------------------------------------- quirky but valid DICOM
+# Real-world files that must read (and write back) instead of failing: (builder, expected x/y spacing,
+# spacing warning expected). Each builder returns (path, stored values as written).
+def cr_monochrome1_zero_spacing(d: Path):
+    """Issue 9's chest CR: MONOCHROME1, PixelSpacing [0, 0], no ImagerPixelSpacing."""
+    return d / "cr.dcm", write_chest_cr(d / "cr.dcm")
+
+
+def cr_zero_spacing_with_imager_spacing(d: Path):
+    """PixelSpacing [0, 0] but the detector pitch (ImagerPixelSpacing) given: that is the estimate."""
+    return d / "cr.dcm", write_chest_cr(d / "cr.dcm", imager_pixel_spacing=("0.139", "0.143"))
+
+
+def cr_negative_spacing(d: Path):
+    return d / "cr.dcm", write_chest_cr(d / "cr.dcm", pixel_spacing=("-0.2", "0.2"))
+
+
+def cr_no_spacing_tags(d: Path):
+    return d / "cr.dcm", write_chest_cr(d / "cr.dcm", pixel_spacing=None)
+
+
+QUIRK_CASES = [
+    (cr_monochrome1_zero_spacing, (1.0, 1.0), True),
+    (cr_zero_spacing_with_imager_spacing, (0.143, 0.139), False),
+    (cr_negative_spacing, (1.0, 1.0), True),
+    (cr_no_spacing_tags, (1.0, 1.0), True),
+]
+
+
+@pytest.mark.parametrize("make,spacing,warns", QUIRK_CASES, ids=[c[0].__name__ for c in QUIRK_CASES])
+def test_dicom_quirk_reads_and_writes(tmp_path, make, spacing, warns):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    path, stored = make(src)
+    before = tree_hash(src)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        img = read_image(path)
+    spacing_warnings = [w for w in caught if issubclass(w.category, UnknownSpacingWarning)]
+    assert len(spacing_warnings) == (1 if warns else 0), [str(w.message) for w in caught]
+    if warns:
+        assert str(path) in str(spacing_warnings[0].message) and "\n" not in str(spacing_warnings[0].message)
+    assert img.spacing[:2] == pytest.approx(spacing)
+    ds = pydicom.dcmread(path)
+    bone, air = (24, 20), (0, 0)
+    # bone white (MONOCHROME1 is flipped to MONOCHROME2 meaning on reading; the PNG panels show the array)
+    assert img.array[0][bone] > img.array[0][air]
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        np.testing.assert_array_equal(img.array[0], 4095 - stored.astype(np.int64))
+    else:
+        np.testing.assert_array_equal(img.array[0], stored)
+    # SimpleITK writers (NRRD, PNG) used to fail here with "Zero-valued spacing"
+    write_image(img, out / "x.nrrd")
+    assert sitk.ReadImage(str(out / "x.nrrd")).GetSpacing()[:2] == pytest.approx(spacing)
+    write_image(img, out / "x.png")
+    # DICOM output keeps the input's photometric meaning and its (unknown) spacing tags
+    write_image(img, out / "x.dcm", like=img)
+    back = pydicom.dcmread(out / "x.dcm")
+    assert back.PhotometricInterpretation == ds.PhotometricInterpretation
+    np.testing.assert_array_equal(back.pixel_array, stored)
+    assert [float(v) for v in back.get("PixelSpacing", [])] == [float(v) for v in ds.get("PixelSpacing", [])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownSpacingWarning)
+        np.testing.assert_array_equal(read_image(out / "x.dcm").array, img.array)
+    assert tree_hash(src) == before
+
+
 def test_bad_input_table_is_complete():
     """Every builder above is exercised (guards against a case silently dropped from the table)."""
     builders = {n for n, f in globals().items() if callable(f) and getattr(f, "__module__", "") == __name__
                 and f.__code__.co_argcount == 1 and f.__code__.co_varnames[:1] == ("d",)}
-    assert builders == {c[0].__name__ for c in READ_CASES}
+    assert builders == {c[0].__name__ for c in READ_CASES + QUIRK_CASES}
 
 
 # ----------------------------------------------------------------------------- write side

@@ -22,7 +22,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
-from io_helpers import ct_dataset, tree_hash, write_ct_series
+from io_helpers import ct_dataset, tree_hash, write_chest_cr, write_ct_series
 from PIL import Image as PILImage
 from pydicom.encaps import encapsulate
 
@@ -192,6 +192,49 @@ def test_cli_bad_input(tmp_path, ckpt, capfd, make, expect):
     assert lines[0].startswith("fpdenoise: error: ") and str(offender) in lines[0] and expect in lines[0], lines[0]
     assert tree_hash(d) == before  # input unmodified, nothing written (out/ stays empty)
     assert list((d / "out").iterdir()) == []
+
+
+# ---------------------------------------------------------------- quirky but valid inputs: must succeed
+# (input builder, output name, spacing warning expected). Issue 9's chest CR (MONOCHROME1, PixelSpacing
+# [0, 0], no ImagerPixelSpacing) read and denoised, then ended in SimpleITK's "Zero-valued spacing" traceback.
+QUIRK_CASES = [
+    ("cr_monochrome1_zero_spacing", {}, True),
+    ("cr_monochrome1_zero_spacing_with_imager", {"imager_pixel_spacing": ("0.139", "0.139")}, False),
+]
+
+
+@pytest.mark.parametrize("name,kw,warns", QUIRK_CASES, ids=[c[0] for c in QUIRK_CASES])
+@pytest.mark.parametrize("out_name", ["den.nrrd", "den.png", "den.dcm"])
+def test_cli_dicom_quirks_denoise(tmp_path, ckpt, capfd, name, kw, warns, out_name):
+    src = tmp_path / "in" / "cr.dcm"
+    stored = write_chest_cr(src, **kw)
+    before = tree_hash(src.parent)
+    out = tmp_path / "out" / out_name
+    out.parent.mkdir()
+    args = ["denoise", str(src), str(out), "--model", str(ckpt), "--device", "cpu"]
+    if out_name.endswith(".nrrd"):
+        # a real process: pytest records warnings in-process, the user sees the CLI's stderr
+        r = subprocess.run([sys.executable, "-m", "FPDenoiseLib.cli", *args], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        rc, err = r.returncode, r.stderr
+        warn_lines = [ln for ln in err.splitlines() if "warning" in ln]
+        assert len(warn_lines) == (1 if warns else 0), err
+        if warns:
+            assert warn_lines[0].startswith("fpdenoise: warning: ") and "1.0 mm" in warn_lines[0], err
+    else:
+        rc, err = main(args), capfd.readouterr().err
+    assert rc == 0, err
+    assert "Traceback" not in err and "Zero-valued spacing" not in err, err
+    assert out.is_file()
+    if out_name.endswith(".dcm"):  # same photometric meaning as the input: bone stored low
+        ds = pydicom.dcmread(out)
+        assert ds.PhotometricInterpretation == "MONOCHROME1"
+        assert int(ds.pixel_array[24, 20]) < int(ds.pixel_array[0, 0])
+        assert abs(int(ds.pixel_array[24, 20]) - int(stored[24, 20])) < 400
+    elif out_name.endswith(".png"):  # bone white in the PNG
+        png = np.asarray(PILImage.open(out))
+        assert png[24, 20] > png[0, 0]
+    assert tree_hash(src.parent) == before
 
 
 # ---------------------------------------------------------------- subprocess cases
