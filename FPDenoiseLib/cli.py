@@ -49,8 +49,8 @@ def _progress_cb(desc: str, lines: bool):
     return cb, bar.close
 
 
-def _saliency_paths(out: str, sal_dir: str, like: Path) -> tuple[Path, Path]:
-    """Names for the input's and the output's saliency maps, same format as ``out``."""
+def _saliency_paths(out: str, sal_dir: str, like: Path) -> tuple[Path, Path, Path]:
+    """Names for the input's and the output's saliency maps and the feature-change map, same format as ``out``."""
     out_p = Path(out)
     name = out_p.name
     for ext in (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".png", ".tif", ".tiff", ".dcm"):
@@ -60,7 +60,11 @@ def _saliency_paths(out: str, sal_dir: str, like: Path) -> tuple[Path, Path]:
     else:  # DICOM series folder
         stem, suffix = name, ""
     d = Path(sal_dir)
-    return d / f"{stem}_saliency_input{suffix}", d / f"{stem}_saliency_denoised{suffix}"
+    return (
+        d / f"{stem}_saliency_input{suffix}",
+        d / f"{stem}_saliency_denoised{suffix}",
+        d / f"{stem}_feature_change{suffix}",
+    )
 
 
 # ---------------------------------------------------------------- commands
@@ -89,12 +93,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _saliency_targets(out: Path, sal_dir: str, fmt: str) -> tuple[Path, Path]:
-    """Saliency map paths: same format as ``out`` (``fmt="same"``) or NRRD files."""
-    p_in, p_out = _saliency_paths(str(out), sal_dir, out)
+def _saliency_targets(out: Path, sal_dir: str, fmt: str) -> tuple[Path, Path, Path]:
+    """Saliency and feature-change map paths: same format as ``out`` (``fmt="same"``) or NRRD files."""
+    paths = _saliency_paths(str(out), sal_dir, out)
     if fmt == "nrrd":
-        p_in, p_out = (p.with_name(_strip_ext(p.name) + ".nrrd") for p in (p_in, p_out))
-    return p_in, p_out
+        paths = tuple(p.with_name(_strip_ext(p.name) + ".nrrd") for p in paths)
+    return paths
 
 
 def _strip_ext(name: str) -> str:
@@ -127,10 +131,12 @@ def _denoise_one(den, img, output: Path, args: argparse.Namespace, desc_prog: st
         close()
     written = []
     if args.saliency_dir:
-        p_in, p_out = _saliency_targets(output, args.saliency_dir, args.saliency_format)
+        p_in, p_out, p_change = _saliency_targets(output, args.saliency_dir, args.saliency_format)
         written.append(write_image(res.saliency_input, p_in, like=img, description=f"FPDenoise saliency input ({den.name})"))
         written.append(write_image(res.saliency_output, p_out, like=img,
                                    description=f"FPDenoise saliency denoised ({den.name})"))
+        written.append(write_image(res.feature_change, p_change, like=img,
+                                   description=f"FPDenoise feature change ({den.name})"))
         print(f"{output.name}: feature-preservation score (corr. of GB maps, input vs denoised): {res.fp_score:.4f}",
               file=sys.stderr)
     written.append(write_image(res.denoised, output, like=img, description=f"FPDenoise denoised ({den.name})"))
@@ -295,6 +301,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_dtype=args.save_dtype,
         zero_level_prob=args.zero_level_prob,
         true_map_prob=args.true_map_prob,
+        amp=args.amp,
     )
     path = train(cfg, resume=args.resume, progress_lines=args.progress_lines, print_digest=args.print_weight_digest)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
@@ -410,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--saliency-dir", default=None, help="also write GB saliency of input and output here")
+    p.add_argument("--saliency-dir", default=None, help="also write GB saliency of input and output and the feature change |GB(out)-GB(in)| here")
     p.add_argument("--saliency-format", default="same", choices=["same", "nrrd"],
                    help="saliency maps in the output's format (a derived DICOM series for DICOM) or NRRD")
     p.add_argument("--series", default=None, metavar="UID", help="only the DICOM series with this SeriesInstanceUID")
@@ -437,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level-max", type=float, default=0.6)
     p.add_argument("--arch", default="unet", choices=["unet", "drunet", "resunet"],
                    help="denoiser: unet (paper), drunet, resunet (fast noise-aware, the shipped default)")
+    p.add_argument("--amp", default="off", choices=["off", "bf16"],
+                   help="bf16 autocast (GPU: ~2x faster; CPU: supported, rarely faster)")
     p.add_argument("--zero-level-prob", type=float, default=0.0, help="fraction of clean (level 0) samples")
     p.add_argument("--true-map-prob", type=float, default=0.5,
                    help="resunet: fraction of samples given the true noise map instead of the estimate")

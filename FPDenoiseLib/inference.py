@@ -64,12 +64,15 @@ def sample_data_path() -> Path:
 
 @dataclass
 class DenoiseResult:
-    """Output of :meth:`Denoiser.run`. Saliency maps are float32 |GB| in the same geometry."""
+    """Output of :meth:`Denoiser.run`. Saliency maps are float32 |GB| in the same geometry;
+    ``feature_change`` is ``|GB(denoised) - GB(input)|`` of the signed maps (where denoising changed
+    structure: removed noise and, where the denoiser blurs, lost edges)."""
 
     denoised: object  # io.Image
     saliency_input: object | None
     saliency_output: object | None
     fp_score: float | None  # Pearson correlation of GB(denoised) with GB(input)
+    feature_change: object | None = None
 
 
 def _check_array(array: np.ndarray) -> np.ndarray:
@@ -172,10 +175,13 @@ class Denoiser:
 
         return self._map_stack(x, fn)
 
-    def _gb(self, x: np.ndarray) -> np.ndarray:
+    def _gb_signed(self, x: np.ndarray) -> np.ndarray:
         if self.restoration is None:
             raise InputError(f"{self.checkpoint_path}: checkpoint has no restoration network; saliency unavailable")
-        return saliency_for_display(guided_backprop(self.restoration, self._tensor(x), readout=self.readout))[:, 0].float().cpu().numpy()
+        return guided_backprop(self.restoration, self._tensor(x), readout=self.readout)[:, 0].float().cpu().numpy()
+
+    def _gb(self, x: np.ndarray) -> np.ndarray:
+        return saliency_for_display(torch.from_numpy(self._gb_signed(x))).numpy()
 
     def _map_stack(self, x: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         a = _check_array(x).astype(np.float32, copy=False)
@@ -193,6 +199,12 @@ class Denoiser:
         """|GB| of the restoration net for an image in the normalised range, float32."""
         return self._map_stack(x, self._gb)
 
+    def feature_change_normalized(self, output: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        """``|GB(output) - GB(reference)|`` (signed maps subtracted) for images in the normalised range."""
+        from .display import feature_change
+
+        return feature_change(self._map_stack(output, self._gb_signed), self._map_stack(reference, self._gb_signed))
+
     # ---- original-units API ----
     def normalizer(self, array: np.ndarray, modality: str | None) -> Normalizer:
         return Normalizer.for_array(array, modality=modality, policy=self.policy)
@@ -205,10 +217,13 @@ class Denoiser:
         saliency: bool = True,
         denoise: bool = True,
         progress: Progress | None = None,
-    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        feature_change: bool = False,
+    ) -> tuple[np.ndarray | None, ...]:
         """One streaming pass: ``(denoised, |GB(input)|, |GB(denoised)|)`` (None where not asked).
 
-        The denoised array has the input's shape, dtype and units; saliency maps are float32.
+        With ``feature_change=True`` a fourth array follows: ``|GB(denoised) - GB(input)|`` of the
+        signed maps (needs ``saliency`` and ``denoise``). The denoised array has the input's shape,
+        dtype and units; saliency maps are float32.
         """
         a = _check_array(array)
         norm = self.normalizer(a, modality)
@@ -217,6 +232,7 @@ class Denoiser:
         den = np.empty(stack.shape, dtype=a.dtype) if denoise else None
         sal_in = np.empty(stack.shape, dtype=np.float32) if saliency else None
         sal_out = np.empty(stack.shape, dtype=np.float32) if (saliency and denoise) else None
+        change = np.empty(stack.shape, dtype=np.float32) if (saliency and denoise and feature_change) else None
         done = 0
         for sl in self._batches(n, h, w):
             x = norm.forward(stack[sl])
@@ -224,9 +240,14 @@ class Denoiser:
                 y = self._forward(x)
                 den[sl] = cast_like(norm.inverse(y), a.dtype)
             if saliency:
-                sal_in[sl] = self._gb(x)
+                # Signed maps once; magnitudes for display, their difference for the change map.
+                g_in = self._gb_signed(x)
+                sal_in[sl] = np.abs(g_in)
                 if denoise:
-                    sal_out[sl] = self._gb(y)
+                    g_out = self._gb_signed(y)
+                    sal_out[sl] = np.abs(g_out)
+                    if change is not None:
+                        change[sl] = np.abs(g_out - g_in)
             done = sl.stop
             if progress is not None:
                 progress(done, n)
@@ -234,7 +255,23 @@ class Denoiser:
         def unstack(v: np.ndarray | None) -> np.ndarray | None:
             return None if v is None else (v[0] if a.ndim == 2 else v)
 
+        if feature_change:
+            return unstack(den), unstack(sal_in), unstack(sal_out), unstack(change)
         return unstack(den), unstack(sal_in), unstack(sal_out)
+
+    def feature_change_array(
+        self, output: np.ndarray, reference: np.ndarray, *, modality: str | None = None
+    ) -> np.ndarray:
+        """``|GB(output) - GB(reference)|`` in original units, e.g. denoised against the clean image.
+
+        Both are normalised with the reference's normaliser, so equal values give an exactly zero map.
+        """
+        ref = _check_array(reference)
+        out = _check_array(output)
+        if out.shape != ref.shape:
+            raise InputError(f"feature change: shapes differ, {out.shape} vs {ref.shape}")
+        norm = self.normalizer(ref, modality)
+        return self.feature_change_normalized(norm.forward(out), norm.forward(ref))
 
     def denoise_array(self, array: np.ndarray, *, modality: str | None = None, progress: Progress | None = None) -> np.ndarray:
         """Denoise ``array`` (2D or ``(z, y, x)``) in its own units; returns a new array, same dtype."""
@@ -248,7 +285,9 @@ class Denoiser:
         """Denoise an :class:`~FPDenoiseLib.io.Image`; outputs keep its geometry and units."""
         from .metrics import feature_preservation
 
-        den, s_in, s_out = self.process(image.array, modality=image.modality, saliency=saliency, progress=progress)
+        den, s_in, s_out, change = self.process(
+            image.array, modality=image.modality, saliency=saliency, progress=progress, feature_change=True
+        )
         out = replace(image, array=den, dicom_headers=image.dicom_headers)
         if not saliency:
             return DenoiseResult(out, None, None, None)
@@ -258,4 +297,5 @@ class Denoiser:
             saliency_input=replace(image, array=s_in, **sal_kw),
             saliency_output=replace(image, array=s_out, **sal_kw),
             fp_score=float(feature_preservation(s_in, s_out)),
+            feature_change=replace(image, array=change, **sal_kw),
         )

@@ -86,16 +86,16 @@ def test_dicom_series_in_derived_series_out(tmp_path, ckpt, capsys):
         np.testing.assert_allclose(getattr(s_out, get)(), getattr(s_in, get)(), atol=1e-4)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(s_out), expected)
 
-    # saliency: two more derived series of the same study, each with its own series UID
+    # saliency + feature change: three more derived series of the same study, each with its own UID
     sal_dirs = sorted(p for p in sal.iterdir())
-    assert [p.name for p in sal_dirs] == ["den_saliency_denoised", "den_saliency_input"]
+    assert [p.name for p in sal_dirs] == ["den_feature_change", "den_saliency_denoised", "den_saliency_input"]
     sal_uids = set()
     for p in sal_dirs:
         ds = read_dicom_dir(p)
         assert len(ds) == 4 and {str(d.StudyInstanceUID) for d in ds} == {g["study_uid"]}
-        assert "saliency" in ds[0].SeriesDescription
+        assert "saliency" in ds[0].SeriesDescription or "feature change" in ds[0].SeriesDescription
         sal_uids |= {str(d.SeriesInstanceUID) for d in ds}
-    assert len(sal_uids) == 2 and sal_uids.isdisjoint(uids | {g["series_uid"]})
+    assert len(sal_uids) == 3 and sal_uids.isdisjoint(uids | {g["series_uid"]})
     assert str(out) in stdout
 
 
@@ -105,12 +105,16 @@ def test_saliency_as_nrrd(tmp_path, ckpt, capsys):
                       "--saliency-dir", tmp_path / "sal", "--saliency-format", "nrrd", "--progress-lines")
     assert rc == 0, err
     names = sorted(p.name for p in (tmp_path / "sal").iterdir())
-    assert names == ["den_saliency_denoised.nrrd", "den_saliency_input.nrrd"]
-    s = read_image(tmp_path / "sal" / "den_saliency_input.nrrd")
+    assert names == ["den_feature_change.nrrd", "den_saliency_denoised.nrrd", "den_saliency_input.nrrd"]
     ref = read_image(tmp_path / "ct")
-    assert s.array.shape == ref.array.shape and s.array.dtype == np.float32
-    np.testing.assert_allclose(s.origin, ref.origin, atol=1e-4)
-    np.testing.assert_allclose(s.direction, ref.direction, atol=1e-6)
+    for name in names:
+        s = read_image(tmp_path / "sal" / name)
+        assert s.array.shape == ref.array.shape and s.array.dtype == np.float32
+        np.testing.assert_allclose(s.origin, ref.origin, atol=1e-4)
+        np.testing.assert_allclose(s.direction, ref.direction, atol=1e-6)
+    # The change map is |GB(out) - GB(in)| of the signed maps: bounded by |GB(out)| + |GB(in)|.
+    change, s_in, s_out = (read_image(tmp_path / "sal" / n).array for n in names)
+    assert change.max() > 0 and (change <= s_in + s_out + 1e-5).all()
 
 
 def _pacs(root: Path) -> dict:
