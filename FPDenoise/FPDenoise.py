@@ -56,8 +56,10 @@ class FPDenoise(ScriptedLoadableModule):
             "Explainable, feature-preserving denoising of CT, X-ray and MR images.<br>"
             "<b>Denoise</b>: pick a volume and a model (shipped default or a checkpoint) and press Apply: "
             "a denoised volume with the same geometry and units (HU stays HU) is added, together with the "
-            "Guided-Backpropagation saliency of the input and of the result, shown side by side as heat "
-            "overlays, and the feature-preservation score (1 = same salient features).<br>"
+            "Guided-Backpropagation saliency of the input and of the result and the <i>feature change</i> "
+            "|GB(denoised) - GB(input)| (where denoising changed structure), shown side by side as Inferno "
+            "overlays, and the feature score (1.0 = every feature kept). <b>Strength</b>: 0 = input unchanged, "
+            "0.5 low, 1 medium (as trained), 2 high.<br>"
             "<b>Simulate noise</b>: add one of 13 noise / artifact types to a clean volume to try the "
             "denoiser against ground truth (PSNR / SSIM).<br>"
             "<b>Train</b>: fine-tune on your loaded clean volumes in a background process (cancellable); "
@@ -77,10 +79,13 @@ class FPDenoiseParameterNode:
     outputVolume: vtkMRMLScalarVolumeNode
     inputSaliency: vtkMRMLScalarVolumeNode
     outputSaliency: vtkMRMLScalarVolumeNode
+    featureChange: vtkMRMLScalarVolumeNode
     referenceVolume: vtkMRMLScalarVolumeNode
     modelPath: str = ""  # empty: the shipped default model
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     computeSaliency: bool = True
+    strength: Annotated[float, WithinRange(0.0, 2.0)] = 1.0  # 0 = input unchanged, 1 = as trained
+    rightOverlay: Annotated[str, Choice(["feature change", "saliency"])] = "feature change"
     runInBackground: bool = True
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     noiseName: Annotated[str, Choice(list(NOISE_NAMES))] = "gaussian"
@@ -129,6 +134,7 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setVisible(False)
         self.ui.fpScoreLabel.text = "-"
         self.ui.metricsLabel.text = "-"
+        self.ui.legendLabel.text = self.logic.legendText()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -140,6 +146,7 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.defaultModelButton.connect("clicked(bool)", self.onDefaultModelButton)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.sideBySideButton.connect("clicked(bool)", self.onSideBySideButton)
+        self.ui.rightOverlayComboBox.connect("currentIndexChanged(int)", lambda _: self.onSideBySideButton())
         # Path fields are plain strings ("" = default model), synced by hand: the wrapper binds
         # ctkPathLineEdit only to pathlib.Path, where "" would read back as ".".
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
@@ -284,7 +291,11 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Denoising failed.", waitCursor=True):
             if p.runInBackground:
                 cmd, work = self.logic.prepareBackgroundDenoise(
-                    p.inputVolume, modelPath=self._modelPath(), device=p.device, computeSaliency=p.computeSaliency
+                    p.inputVolume,
+                    modelPath=self._modelPath(),
+                    device=p.device,
+                    computeSaliency=p.computeSaliency,
+                    strength=p.strength,
                 )
                 self._startJob("denoise", cmd, work, p.inputVolume)
             else:
@@ -295,6 +306,7 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     device=p.device,
                     computeSaliency=p.computeSaliency,
                     progress=lambda d, t: self._showProgress(d, t, "denoising", processEvents=True),
+                    strength=p.strength,
                 )
                 self._onDenoiseResult(result)
 
@@ -303,8 +315,8 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.outputVolume = result["outputVolumeNode"]
         p.inputSaliency = result["inputSaliencyNode"]
         p.outputSaliency = result["outputSaliencyNode"]
-        fp = result["fpScore"]
-        self.ui.fpScoreLabel.text = "-" if fp is None else f"{fp:.3f}"
+        p.featureChange = result.get("featureChangeNode")
+        self.ui.fpScoreLabel.text = self.logic.scoreText(result["fpScore"])
         gt = self.logic.groundTruthFor(p.inputVolume)
         if gt is not None:
             p.referenceVolume = gt
@@ -317,7 +329,8 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p.outputSaliency is None and p.outputVolume is not None:
             slicer.util.setSliceViewerLayers(background=p.outputVolume, fit=True)
             return
-        self.logic.showSideBySide(p.inputVolume, p.inputSaliency, p.outputVolume, p.outputSaliency, p.overlayOpacity)
+        right = p.featureChange if (p.rightOverlay == "feature change" and p.featureChange) else p.outputSaliency
+        self.logic.showSideBySide(p.inputVolume, p.inputSaliency, p.outputVolume, right, p.overlayOpacity)
 
     def onOpacityChanged(self, value: float) -> None:
         self.logic.setOverlayOpacity(value)
@@ -488,6 +501,7 @@ class FPDenoiseTest(ScriptedLoadableModuleTest):
         self.assertEqual(out.GetOrigin(), volume.GetOrigin())
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), original), "input modified")
         self.assertIsNotNone(result["fpScore"])
+        self.assertIsNotNone(result["featureChangeNode"])
 
         before = logic.computeMetrics(volume, noisy)["psnr"]
         after = logic.computeMetrics(volume, out)["psnr"]

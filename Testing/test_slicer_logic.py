@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "FPDenoise"))
 
 import SimpleITK as sitk  # noqa: E402
 from FPDenoiseSlicerLib import process  # noqa: E402
-from FPDenoiseSlicerLib.logic import HEAT_COLOR_NODE_IDS, FPDenoiseMRMLLogic  # noqa: E402
+from FPDenoiseSlicerLib.logic import SALIENCY_COLOR_NODE_NAME, FPDenoiseMRMLLogic  # noqa: E402
 
 from FPDenoiseLib.errors import FPDenoiseError, InputError  # noqa: E402
 
@@ -78,11 +78,13 @@ def test_denoise_keeps_geometry_units_and_names(logic, ct, checkpoint):
     calls = []
     res = logic.denoise(ct, checkpoint, device="cpu", progress=lambda d, t: calls.append((d, t)))
     out, sIn, sOut = res["outputVolumeNode"], res["inputSaliencyNode"], res["outputSaliencyNode"]
+    change = res["featureChangeNode"]
 
     assert out.GetName() == "chest CT denoised"
     assert sIn.GetName() == "chest CT saliency"
     assert sOut.GetName() == "chest CT denoised saliency"
-    for node in (out, sIn, sOut):
+    assert change.GetName() == "chest CT feature change"
+    for node in (out, sIn, sOut, change):
         np.testing.assert_allclose(_matrix(node), _ijk_to_ras(), atol=1e-9)
         np.testing.assert_allclose(node.GetSpacing(), SPACING, atol=1e-12)
         np.testing.assert_allclose(node.GetOrigin(), ORIGIN_RAS, atol=1e-12)
@@ -98,13 +100,21 @@ def test_denoise_keeps_geometry_units_and_names(logic, ct, checkpoint):
     assert abs(float(den[bone].mean()) - 1000) < 250, den[bone].mean()
     assert calls and calls[-1][0] == calls[-1][1] == before.shape[0]
 
-    for node in (sIn, sOut):
+    both = np.concatenate([slicer.util.arrayFromVolume(n).ravel() for n in (sIn, sOut)])
+    for node in (sIn, sOut, change):
         sal = slicer.util.arrayFromVolume(node)
+        # The two saliency maps share one window (equal colour = equal saliency); the change has its own.
+        background = np.percentile(sal if node is change else both, 60)
         assert sal.dtype == np.float32 and np.isfinite(sal).all() and sal.min() >= 0 and sal.max() > 0
         display = node.GetDisplayNode()
-        assert display.GetColorNodeID() in HEAT_COLOR_NODE_IDS
+        assert display.GetColorNode().GetName() == SALIENCY_COLOR_NODE_NAME
+        # Background (values at or below the window's bottom) hidden: the display module's rule.
         assert display.GetApplyThreshold() and display.GetLowerThreshold() > display.GetWindowLevelMin()
+        assert display.GetLowerThreshold() == pytest.approx(background, rel=1e-5, abs=1e-12)
         assert not display.GetAutoWindowLevel()
+    # The change map is |GB(out) - GB(in)| of the signed maps: at most |GB(in)| + |GB(out)|.
+    s_in, s_out, d = (slicer.util.arrayFromVolume(n) for n in (sIn, sOut, change))
+    assert (d <= s_in + s_out + 1e-5).all() and (d >= np.abs(s_out - s_in) - 1e-5).all()
     # One display range for both maps, so equal colours mean equal saliency.
     assert sIn.GetDisplayNode().GetWindowLevelMax() == pytest.approx(sOut.GetDisplayNode().GetWindowLevelMax())
     assert -1.0 <= res["fpScore"] <= 1.0
@@ -166,26 +176,59 @@ def test_side_by_side_layout_overlays_and_opacity(logic, ct, checkpoint):
     assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode") == n == 2
 
 
-def test_heat_colour_node_bare_scene_and_slicer_defaults(logic):
-    nodeID = logic.heatColorNodeID()  # bare scene: a PET-Heat node is added once
-    node = slicer.mrmlScene.GetNodeByID(nodeID)
-    assert node.IsA("vtkMRMLPETProceduralColorNode") and nodeID in HEAT_COLOR_NODE_IDS
-    assert logic.heatColorNodeID() == nodeID
-    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLPETProceduralColorNode") == 1
-    # Heat map: dark at the low end, bright at the high end.
-    ctf = node.GetScalarsToColors()
-    lo, hi = ctf.GetRange()
-    dark, bright = [0.0] * 3, [0.0] * 3
-    ctf.GetColor(lo, dark)
-    ctf.GetColor(hi, bright)
-    assert sum(dark) < 0.3 and sum(bright) > 2.0, (dark, bright)
+def test_inferno_colour_node_bare_scene_and_slicer_inferno(logic):
+    from FPDenoiseLib.display import colour_table
 
-    # A scene with Slicer's default colour nodes (as in the application): the shipped node is used.
+    nodeID = logic.saliencyColorNodeID()  # bare scene: one Inferno table node is added, then reused
+    node = slicer.mrmlScene.GetNodeByID(nodeID)
+    assert node.IsA("vtkMRMLColorTableNode") and node.GetName() == SALIENCY_COLOR_NODE_NAME
+    assert logic.saliencyColorNodeID() == nodeID
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == 1
+    # Graded, not near-flat: 256 entries, luminance rising from black to pale yellow, the library's table.
+    assert node.GetNumberOfColors() == 256
+    rgb = np.array([node.GetLookupTable().GetTableValue(i)[:3] for i in range(256)])
+    np.testing.assert_allclose(rgb, colour_table(), atol=1e-6)
+    lum = rgb @ np.array([0.2126, 0.7152, 0.0722])
+    assert lum[0] < 0.02 and lum[-1] > 0.9 and (np.diff(lum) >= -1e-3).all()
+    assert len(np.unique(np.round(rgb * 255), axis=0)) > 150
+
+    # gamma 1 in a scene with Slicer's own "Inferno" node (the application): that node is used.
+    slicer_inferno = slicer.vtkMRMLColorTableNode()
+    slicer_inferno.SetName("Inferno")
+    slicer_inferno.SetTypeToUser()
+    slicer.mrmlScene.AddNode(slicer_inferno)
+    assert logic.saliencyColorNodeID(gamma=1.0) == slicer_inferno.GetID()
+    # In a scene with Slicer's default colour nodes (no Inferno file in slicer-core) a table is added.
     slicer.mrmlScene = slicer.vtkMRMLScene()
     colorLogic = slicer.vtkMRMLColorLogic()
     colorLogic.SetMRMLScene(slicer.mrmlScene)
-    assert logic.heatColorNodeID() == "vtkMRMLPETProceduralColorNodePET-Heat"
-    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLPETProceduralColorNode") == 6  # none added
+    gid = logic.saliencyColorNodeID(gamma=1.0)
+    g1 = np.array([slicer.mrmlScene.GetNodeByID(gid).GetLookupTable().GetTableValue(i)[:3] for i in range(256)])
+    np.testing.assert_allclose(g1, colour_table(1.0), atol=1e-6)
+
+
+def test_strength_passes_through_logic_and_worker(logic, ct, checkpoint, tmp_path):
+    cmd = logic.denoiseCommand(tmp_path / "in.nrrd", tmp_path / "w", strength=0.5)
+    assert cmd[cmd.index("--strength") + 1] == "0.5"
+    # Strength 0 returns the input exactly: no feature change, and the change overlay hides all of it.
+    res = logic.denoise(ct, checkpoint, device="cpu", strength=0.0)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(res["outputVolumeNode"]), slicer.util.arrayFromVolume(ct))
+    assert res["outputVolumeNode"].GetAttribute("FPDenoise.Strength") == "0"
+    change = slicer.util.arrayFromVolume(res["featureChangeNode"])
+    assert change.max() == 0.0
+    assert res["featureChangeNode"].GetDisplayNode().GetLowerThreshold() > 0.0
+    assert res["fpScore"] == pytest.approx(1.0)
+    with pytest.raises(InputError, match="strength"):
+        logic.denoise(ct, checkpoint, device="cpu", strength=5.0)
+    # The background worker gets --strength and records it.
+    cmd, work = logic.prepareBackgroundDenoise(
+        ct, tmp_path / "work", modelPath=checkpoint, device="cpu", strength=0.0, computeSaliency=False
+    )
+    job = process.BackgroundJob(cmd, env=logic.backgroundEnvironment())
+    assert job.wait(timeout=300) == 0, job.error_summary()
+    res = logic.loadBackgroundDenoiseResults(ct, work)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(res["outputVolumeNode"]), slicer.util.arrayFromVolume(ct))
+    assert res["outputVolumeNode"].GetAttribute("FPDenoise.Strength") == "0"
 
 
 # ----------------------------------------------------------------------------- simulate + metrics
@@ -253,10 +296,11 @@ def test_batch_example_on_a_folder(tmp_path, checkpoint):
 
     expected = {"a", "sub_b"}
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"{n}{suffix}" for n in expected for suffix in ("_denoised.nrrd", "_saliency.nrrd", "_denoised_saliency.nrrd"))
+    suffixes = ("_denoised.nrrd", "_saliency.nrrd", "_denoised_saliency.nrrd", "_feature_change.nrrd")
+    assert names == sorted(f"{n}{suffix}" for n in expected for suffix in suffixes)
     for src, base in ((inp / "a.nrrd", "a"), (inp / "sub" / "b.nrrd", "sub_b")):
         ref = sitk.ReadImage(str(src))
-        for suffix in ("_denoised.nrrd", "_saliency.nrrd"):
+        for suffix in ("_denoised.nrrd", "_saliency.nrrd", "_feature_change.nrrd"):
             got = sitk.ReadImage(str(out / f"{base}{suffix}"))
             np.testing.assert_allclose(got.GetSpacing(), ref.GetSpacing(), atol=1e-9)
             np.testing.assert_allclose(got.GetOrigin(), ref.GetOrigin(), atol=1e-9)
@@ -297,6 +341,10 @@ def test_background_denoise_worker_matches_in_process(logic, ct, checkpoint, tmp
     np.testing.assert_allclose(_matrix(res["outputVolumeNode"]), _ijk_to_ras(), atol=1e-9)
     assert res["fpScore"] == pytest.approx(ref["fpScore"], abs=1e-5)
     assert res["inputSaliencyNode"].GetDisplayNode().GetApplyThreshold()
+    np.testing.assert_allclose(
+        slicer.util.arrayFromVolume(res["featureChangeNode"]), slicer.util.arrayFromVolume(ref["featureChangeNode"]),
+        rtol=1e-4, atol=1e-6,
+    )
 
     # A bad model path: the worker fails with a one-line error that the widget shows.
     bad = process.BackgroundJob(

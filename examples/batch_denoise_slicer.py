@@ -10,7 +10,7 @@ or with plain Python and ``pip install slicer-core`` (same Logic, bare MRML scen
     python examples/batch_denoise_slicer.py INPUT_DIR OUTPUT_DIR
 
 For each input ``NAME`` it writes ``NAME_denoised.nrrd`` (same geometry and units as the input,
-CT in HU), ``NAME_saliency.nrrd`` and ``NAME_denoised_saliency.nrrd`` (Guided-Backprop saliency of
+CT in HU), ``NAME_saliency.nrrd``, ``NAME_denoised_saliency.nrrd`` and ``NAME_feature_change.nrrd`` (Guided-Backprop saliency of
 input and output) into OUTPUT_DIR and prints the feature-preservation score. Exit code 0 on success,
 2 with a one-line message on bad input.
 """

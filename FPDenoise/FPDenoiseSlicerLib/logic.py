@@ -16,9 +16,9 @@ Example (plain Python with ``pip install slicer-core``)::
     from FPDenoiseSlicerLib.logic import FPDenoiseMRMLLogic
     logic = FPDenoiseMRMLLogic()
     ct = logic.loadImageAsVolume("chest.nrrd")
-    result = logic.denoise(ct)                       # dict of nodes + feature-preservation score
+    result = logic.denoise(ct, strength=1.0)         # dict of nodes + feature-preservation score
     logic.showSideBySide(ct, result["inputSaliencyNode"], result["outputVolumeNode"],
-                         result["outputSaliencyNode"], opacity=0.5)
+                         result["featureChangeNode"], opacity=0.5)   # or result["outputSaliencyNode"]
 """
 
 from __future__ import annotations
@@ -39,13 +39,11 @@ log = logging.getLogger("FPDenoise")
 
 ProgressCallback = Callable[[int, int], None]
 
-# Heat colour maps Slicer ships, best first (Slicer has no "Hot" table). The first two exist in the
-# Slicer application; a bare MRML scene has none of them, and then we add a PET-Heat node ourselves.
-HEAT_COLOR_NODE_IDS = (
-    "vtkMRMLColorTableNodeFileInferno.txt",
-    "vtkMRMLPETProceduralColorNodePET-Heat",
-    "vtkMRMLColorTableNodeIron",
-)
+# Slicer's own Inferno table (ColorFiles/Inferno.txt, loaded by the Colors module in the application).
+# It is used as is when the display rule has no gamma; otherwise, and in a bare MRML scene without
+# Slicer's colour files, the Logic adds one colour table node holding FPDenoiseLib.display's table.
+SLICER_INFERNO_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
+SALIENCY_COLOR_NODE_NAME = "FPDenoise Inferno"
 LEFT_VIEW, RIGHT_VIEW = "Red", "Yellow"
 # Layout XML Slicer's layout manager uses for SlicerLayoutSideBySideView; registered only when the
 # scene's layout node does not know that layout (bare scene without a layout manager).
@@ -96,10 +94,6 @@ def missingDependencies() -> list[tuple[str, str]]:
     return [(mod, req) for mod, req in REQUIRED_MODULES if importlib.util.find_spec(mod) is None]
 
 
-# |GB| of the restoration net is non-zero over all tissue (it is image-like: J^T f(y) with f ~ id);
-# with the shipped model 88% of body voxels exceed 30% of the display range and 59% exceed 50%.
-# Hiding the lower half leaves the most salient structures (bone, vessels, edges) on the CT.
-DEFAULT_SALIENCY_THRESHOLD = 0.5
 
 class FPDenoiseMRMLLogic:
     """Denoising, saliency overlays, noise simulation, metrics and training commands on MRML nodes.
@@ -233,7 +227,13 @@ class FPDenoiseMRMLLogic:
 
         return sample_data_path()
 
-    def getDenoiser(self, modelPath: str | os.PathLike | None = None, device: str = "auto", batchSize: int = 8):
+    def getDenoiser(
+        self,
+        modelPath: str | os.PathLike | None = None,
+        device: str = "auto",
+        batchSize: int = 8,
+        strength: float = 1.0,
+    ):
         """A cached :class:`FPDenoiseLib.inference.Denoiser` (loading a checkpoint takes a moment)."""
         from FPDenoiseLib.inference import Denoiser
 
@@ -241,7 +241,15 @@ class FPDenoiseMRMLLogic:
         key = (path, device, os.path.getmtime(path) if os.path.exists(path) else 0.0)
         if key not in self._denoisers:
             self._denoisers = {key: Denoiser(path, device=device, batch_size=batchSize)}
-        return self._denoisers[key]
+        denoiser = self._denoisers[key]
+        # Strength only scales the noise map at run time: same loaded networks, validated like the CLI.
+        if float(strength) != denoiser.strength:
+            from FPDenoiseLib.errors import InputError
+
+            if not (np.isfinite(strength) and 0.0 <= float(strength) <= 3.0):
+                raise InputError(f"strength must be in [0, 3] (1 = as trained, 0 = return the input), got {strength}")
+            denoiser.strength = float(strength)
+        return denoiser
 
     @staticmethod
     def checkDevice(device: str, volumeNode=None) -> tuple[bool, str]:
@@ -289,30 +297,41 @@ class FPDenoiseMRMLLogic:
         outputVolumeNode=None,
         inputSaliencyNode=None,
         outputSaliencyNode=None,
+        featureChangeNode=None,
         batchSize: int = 8,
+        strength: float = 1.0,
     ) -> dict:
         """Denoise a volume node in this process.
 
-        Returns ``dict(outputVolumeNode, inputSaliencyNode, outputSaliencyNode, fpScore)``; the output
-        has the input's geometry, dtype and units (HU stays HU) and is named ``"<input> denoised"``;
-        saliency maps (|Guided Backprop| of the restoration net, float32) are ``"<input> saliency"``
-        and ``"<input> denoised saliency"`` with a heat colour map. Existing nodes passed as
-        ``outputVolumeNode``/``...SaliencyNode`` are overwritten instead of adding new ones.
-        ``fpScore`` is the feature-preservation score (Pearson correlation of the two maps) or None.
+        Returns ``dict(outputVolumeNode, inputSaliencyNode, outputSaliencyNode, featureChangeNode,
+        fpScore)``; the output has the input's geometry, dtype and units (HU stays HU) and is named
+        ``"<input> denoised"``; saliency maps (|Guided Backprop| of the restoration net, float32) are
+        ``"<input> saliency"`` and ``"<input> denoised saliency"``, the feature change
+        ``|GB(denoised) - GB(input)|`` is ``"<input> feature change"``, all shown with the display rule
+        of :mod:`FPDenoiseLib.display`. Existing nodes passed as ``outputVolumeNode``/``...Node`` are
+        overwritten instead of adding new ones. ``fpScore`` is the feature-preservation score (Pearson
+        correlation of the two maps) or None. ``strength``: 0 = input unchanged, 1 = as trained, up to 3.
         """
         image = self.imageFromVolume(inputVolumeNode, modality)
-        denoiser = self.getDenoiser(modelPath, device, batchSize)
+        denoiser = self.getDenoiser(modelPath, device, batchSize, strength=strength)
         result = denoiser.run(image, saliency=computeSaliency, progress=progress)
+
+        def arr(img):
+            return None if img is None else img.array
+
         return self._addResultNodes(
             inputVolumeNode,
             result.denoised.array,
-            result.saliency_input.array if result.saliency_input is not None else None,
-            result.saliency_output.array if result.saliency_output is not None else None,
+            arr(result.saliency_input),
+            arr(result.saliency_output),
             result.fp_score,
+            change=arr(getattr(result, "feature_change", None)),
             outputVolumeNode=outputVolumeNode,
             inputSaliencyNode=inputSaliencyNode,
             outputSaliencyNode=outputSaliencyNode,
+            featureChangeNode=featureChangeNode,
             modelName=getattr(denoiser, "name", ""),
+            strength=strength,
         )
 
     def _addResultNodes(
@@ -323,10 +342,13 @@ class FPDenoiseMRMLLogic:
         salOut: np.ndarray | None,
         fpScore: float | None,
         *,
+        change: np.ndarray | None = None,
         outputVolumeNode=None,
         inputSaliencyNode=None,
         outputSaliencyNode=None,
+        featureChangeNode=None,
         modelName: str = "",
+        strength: float | None = None,
     ) -> dict:
         name = inputVolumeNode.GetName()
         out = self._newVolumeLike(inputVolumeNode, denoised, f"{name} denoised", outputVolumeNode)
@@ -337,70 +359,140 @@ class FPDenoiseMRMLLogic:
             outDisplay.SetWindowLevel(inDisplay.GetWindow(), inDisplay.GetLevel())
         out.SetAttribute("FPDenoise.SourceVolumeID", inputVolumeNode.GetID())
         out.SetAttribute("FPDenoise.Model", str(modelName))
+        if strength is not None:
+            out.SetAttribute("FPDenoise.Strength", f"{float(strength):g}")
         modality = inputVolumeNode.GetAttribute("FPDenoise.Modality")
         if modality:
             out.SetAttribute("FPDenoise.Modality", modality)
-        result = {"outputVolumeNode": out, "inputSaliencyNode": None, "outputSaliencyNode": None, "fpScore": None}
+        result = {
+            "outputVolumeNode": out,
+            "inputSaliencyNode": None,
+            "outputSaliencyNode": None,
+            "featureChangeNode": None,
+            "fpScore": None,
+        }
         if salIn is not None and salOut is not None:
+            from FPDenoiseLib.display import saliency_window
+
             sIn = self._newVolumeLike(inputVolumeNode, salIn.astype(np.float32), f"{name} saliency", inputSaliencyNode)
             sOut = self._newVolumeLike(
                 inputVolumeNode, salOut.astype(np.float32), f"{name} denoised saliency", outputSaliencyNode
             )
-            # One display range for both maps, so equal colour means equal saliency left and right.
-            hi = _robustMax(salIn, salOut)
+            # One display window for both maps, so equal colour means equal saliency left and right.
+            window = saliency_window(salIn, salOut)
             for node in (sIn, sOut):
-                self.setSaliencyDisplay(node, window=(0.0, hi))
+                self.setSaliencyDisplay(node, window=window)
             result.update(inputSaliencyNode=sIn, outputSaliencyNode=sOut)
+            if change is not None:
+                # Its own window: changes are smaller than the saliency itself and would read black on it.
+                sChange = self._newVolumeLike(
+                    inputVolumeNode, change.astype(np.float32), f"{name} feature change", featureChangeNode
+                )
+                self.setSaliencyDisplay(sChange)
+                result["featureChangeNode"] = sChange
             if fpScore is not None:
                 result["fpScore"] = float(fpScore)
                 out.SetAttribute("FPDenoise.FeaturePreservation", f"{float(fpScore):.6f}")
         return result
 
     # ------------------------------------------------------------------ display
-    def heatColorNodeID(self) -> str:
-        """ID of a heat colour node in the scene: Inferno, PET-Heat or Iron (first found); in a bare scene
-        (no default colour nodes) a PET-Heat procedural colour node is added."""
+    def saliencyColorNodeID(self, gamma: float | None = None) -> str:
+        """ID of the colour node for saliency / feature-change overlays.
+
+        With ``gamma`` 1 Slicer's own "Inferno" node is used where the scene has it (the application).
+        Otherwise (the default gamma 0.5 of :mod:`FPDenoiseLib.display`, or a bare MRML scene) one
+        ``vtkMRMLColorTableNode`` named :data:`SALIENCY_COLOR_NODE_NAME` holding
+        :func:`FPDenoiseLib.display.colour_table` is added once and reused: a graded 256-entry Inferno,
+        never a near-flat fallback.
+        """
+        from FPDenoiseLib.display import DISPLAY_GAMMA, colour_table
+
+        gamma = DISPLAY_GAMMA if gamma is None else float(gamma)
         scene = self._scene()
-        for nodeID in HEAT_COLOR_NODE_IDS:
-            if scene.GetNodeByID(nodeID) is not None:
-                return nodeID
-        node = slicer.vtkMRMLPETProceduralColorNode()
-        node.SetTypeToHeat()
-        node.SetName("PET-Heat")
-        node.SetSingletonTag("PET-Heat")
+        if gamma == 1.0:
+            node = scene.GetNodeByID(SLICER_INFERNO_NODE_ID) or scene.GetFirstNodeByName("Inferno")
+            if node is not None and node.IsA("vtkMRMLColorNode"):
+                return node.GetID()
+        name = SALIENCY_COLOR_NODE_NAME if gamma == DISPLAY_GAMMA else f"{SALIENCY_COLOR_NODE_NAME} gamma {gamma:g}"
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
+            node = scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
+            if node.GetName() == name:
+                return node.GetID()
+        table = colour_table(gamma)
+        node = slicer.vtkMRMLColorTableNode()
+        node.SetName(name)
+        node.SetTypeToUser()
+        node.SetNumberOfColors(len(table))
+        node.GetLookupTable().SetTableRange(0, len(table) - 1)
+        for i, (r, g, b) in enumerate(table):
+            node.SetColor(i, f"{i}", float(r), float(g), float(b), 1.0)
+        node.SetAttribute("Category", "Continuous")
         node.SetHideFromEditors(False)
-        added = scene.AddNode(node)
-        return added.GetID()
+        return scene.AddNode(node).GetID()
 
     def setSaliencyDisplay(
         self,
         saliencyNode,
         colorNodeID: str | None = None,
-        window: tuple[float, float] | None = None,
-        thresholdFraction: float | None = None,
+        window=None,
+        backgroundPercentile: float | None = None,
     ) -> None:
-        """Show a saliency volume as a heat overlay: low saliency dark and, as a foreground layer,
-        transparent (voxels below ``thresholdFraction`` of the window are not drawn).
+        """Show a saliency or feature-change volume with the display rule of :mod:`FPDenoiseLib.display`.
 
-        ``window`` = (min, max) display range in saliency units; default 0 .. 99.5th percentile.
-        ``thresholdFraction`` defaults to :data:`DEFAULT_SALIENCY_THRESHOLD`.
+        ``window``: a :class:`FPDenoiseLib.display.DisplayWindow` (or ``(lo, hi)``); by default computed
+        from the volume with ``backgroundPercentile`` (default
+        :data:`FPDenoiseLib.display.BACKGROUND_PERCENTILE`). Values at or below ``lo`` are transparent
+        (background), ``lo .. hi`` runs over the graded Inferno table.
         """
-        if thresholdFraction is None:
-            thresholdFraction = DEFAULT_SALIENCY_THRESHOLD
+        from FPDenoiseLib.display import BACKGROUND_PERCENTILE, DisplayWindow, saliency_window
+
         if saliencyNode.GetDisplayNode() is None:
             saliencyNode.CreateDefaultDisplayNodes()
         display = saliencyNode.GetDisplayNode()
         if window is None:
-            window = (0.0, _robustMax(slicer.util.arrayFromVolume(saliencyNode)))
-        lo, hi = float(window[0]), float(window[1])
-        display.SetAndObserveColorNodeID(colorNodeID or self.heatColorNodeID())
+            pct = BACKGROUND_PERCENTILE if backgroundPercentile is None else float(backgroundPercentile)
+            window = saliency_window(slicer.util.arrayFromVolume(saliencyNode), background_percentile=pct)
+        elif not isinstance(window, DisplayWindow):
+            window = DisplayWindow(float(window[0]), float(window[1]))
+        display.SetAndObserveColorNodeID(colorNodeID or self.saliencyColorNodeID(window.gamma))
         display.SetAutoWindowLevel(False)
-        display.SetWindowLevelMinMax(lo, hi)
+        display.SetWindowLevelMinMax(window.lo, window.hi)
         display.SetAutoThreshold(False)
-        display.SetLowerThreshold(lo + thresholdFraction * (hi - lo))
+        # Strictly above lo: a map with many exact zeros (nothing changed) stays transparent there.
+        display.SetLowerThreshold(float(np.nextafter(np.float32(window.lo), np.float32(np.inf))))
         display.SetUpperThreshold(float(np.finfo(np.float32).max))
         display.SetApplyThreshold(True)
         display.SetInterpolate(False)
+        saliencyNode.SetAttribute("FPDenoise.DisplayWindow", f"{window.lo:.6g} {window.hi:.6g} {window.gamma:g}")
+
+    @staticmethod
+    def scoreText(fpScore: float | None) -> str:
+        """The feature score with its one-line meaning, for the module panel and the viewer."""
+        from FPDenoiseLib.display import feature_score_text
+
+        return feature_score_text(fpScore)
+
+    @staticmethod
+    def legendText() -> str:
+        """One-line colour legend of the overlays (the module panel shows it under the overlay choice)."""
+        from FPDenoiseLib.display import BACKGROUND_PERCENTILE
+
+        return (
+            "Inferno colours: dark purple = low, orange = mid, pale yellow = high; the lowest "
+            f"{BACKGROUND_PERCENTILE:g} % of each map (background) is not drawn. Feature change = "
+            "|GB(denoised) - GB(input)|: bright where denoising changed structure."
+        )
+
+    def displayWindowOf(self, saliencyNode):
+        """The :class:`FPDenoiseLib.display.DisplayWindow` a saliency node is shown with (for legends)."""
+        from FPDenoiseLib.display import DisplayWindow
+
+        text = saliencyNode.GetAttribute("FPDenoise.DisplayWindow")
+        if text:
+            lo, hi, gamma = (float(v) for v in text.split())
+            return DisplayWindow(lo, hi, gamma)
+        display = saliencyNode.GetDisplayNode()
+        return DisplayWindow(display.GetWindowLevelMin(), display.GetWindowLevelMax())
 
     def layoutNode(self):
         """The scene's layout node (the one Slicer's layout manager observes); added in a bare scene."""
@@ -470,6 +562,10 @@ class FPDenoiseMRMLLogic:
             right.UpdateMatrices()
         self._fitSliceViews()
         return views
+
+    def setRightOverlay(self, overlayNode) -> None:
+        """Overlay of the right (denoised) view: its saliency or the feature change (a volume node or None)."""
+        self.sliceCompositeNode(RIGHT_VIEW).SetForegroundVolumeID(overlayNode.GetID() if overlayNode else None)
 
     def setOverlayOpacity(self, opacity: float) -> None:
         """Foreground (saliency) opacity of both side-by-side views, 0..1."""
@@ -619,13 +715,14 @@ class FPDenoiseMRMLLogic:
         device: str = "auto",
         computeSaliency: bool = True,
         modality: str | None = None,
+        strength: float = 1.0,
         python: str | None = None,
     ) -> list[str]:
         """Argument list of a background whole-volume denoise (:mod:`FPDenoiseSlicerLib.worker`)."""
         from .process import python_executable
 
         cmd = [python or python_executable(), "-m", "FPDenoiseSlicerLib.worker", "--input", str(inputPath)]
-        cmd += ["--output-dir", str(outputDir), "--device", device]
+        cmd += ["--output-dir", str(outputDir), "--device", device, "--strength", f"{float(strength):g}"]
         if modelPath:
             cmd += ["--model", str(modelPath)]
         if modality:
@@ -650,8 +747,17 @@ class FPDenoiseMRMLLogic:
         denoised = read_image(work / info["denoised"]).array
         salIn = read_image(work / info["saliency_input"]).array if info.get("saliency_input") else None
         salOut = read_image(work / info["saliency_output"]).array if info.get("saliency_output") else None
+        change = read_image(work / info["feature_change"]).array if info.get("feature_change") else None
         return self._addResultNodes(
-            inputVolumeNode, denoised, salIn, salOut, info.get("fp_score"), modelName=info.get("model", ""), **nodes
+            inputVolumeNode,
+            denoised,
+            salIn,
+            salOut,
+            info.get("fp_score"),
+            change=change,
+            modelName=info.get("model", ""),
+            strength=info.get("strength"),
+            **nodes,
         )
 
     # ------------------------------------------------------------------ batch
@@ -665,9 +771,11 @@ class FPDenoiseMRMLLogic:
         computeSaliency: bool = True,
         clearScene: bool = True,
         log_: Callable[[str], None] | None = print,
+        strength: float = 1.0,
     ) -> list[dict]:
         """Denoise every image / DICOM series under ``inputDir``; write ``<name>_denoised.nrrd`` and, with
-        saliency, ``<name>_saliency.nrrd`` and ``<name>_denoised_saliency.nrrd`` into ``outputDir``.
+        saliency, ``<name>_saliency.nrrd``, ``<name>_denoised_saliency.nrrd`` and
+        ``<name>_feature_change.nrrd`` into ``outputDir``.
 
         Each input goes through the same MRML path as in the module (load as a volume node, denoise,
         save the nodes). Returns one dict per input: ``input``, ``outputs`` (paths), ``fpScore``.
@@ -685,7 +793,7 @@ class FPDenoiseMRMLLogic:
         results = []
         for n, path in enumerate(inputs, 1):
             node = self.loadImageAsVolume(path)
-            res = self.denoise(node, modelPath, device=device, computeSaliency=computeSaliency)
+            res = self.denoise(node, modelPath, device=device, computeSaliency=computeSaliency, strength=strength)
             rel = path.relative_to(inputDir) if path != inputDir else Path(path.name)
             base = "_".join(rel.with_name(_stem(rel)).parts) or "image"
             written = [self.saveVolume(res["outputVolumeNode"], outputDir / f"{base}_denoised.nrrd")]
@@ -694,27 +802,18 @@ class FPDenoiseMRMLLogic:
                 written.append(
                     self.saveVolume(res["outputSaliencyNode"], outputDir / f"{base}_denoised_saliency.nrrd")
                 )
+            if res["featureChangeNode"] is not None:
+                written.append(self.saveVolume(res["featureChangeNode"], outputDir / f"{base}_feature_change.nrrd"))
             fp = res["fpScore"]
             if log_:
                 log_(f"[{n}/{len(inputs)}] {path} -> {written[0]}" + (f" (FP score {fp:.3f})" if fp is not None else ""))
             results.append({"input": path, "outputs": written, "fpScore": fp})
             if clearScene:
-                for key in ("outputVolumeNode", "inputSaliencyNode", "outputSaliencyNode"):
+                for key in ("outputVolumeNode", "inputSaliencyNode", "outputSaliencyNode", "featureChangeNode"):
                     if res[key] is not None:
                         slicer.mrmlScene.RemoveNode(res[key])
                 slicer.mrmlScene.RemoveNode(node)
         return results
-
-
-def _robustMax(*arrays: np.ndarray) -> float:
-    """99.5th percentile of the values (display maximum robust to a few hot voxels); 1.0 if all zero."""
-    flat = np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays])
-    if flat.size > 2_000_000:
-        flat = flat[:: flat.size // 2_000_000]
-    hi = float(np.percentile(flat, 99.5)) if flat.size else 0.0
-    if not hi > 0.0:
-        hi = float(flat.max(initial=0.0)) or 1.0
-    return hi
 
 
 def _castLike(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
