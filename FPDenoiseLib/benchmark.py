@@ -765,6 +765,10 @@ def _figures(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from .display import feature_change, saliency_window
+    from .figures import draw_map
 
     im = images[0]
     vmin, vmax = float(np.percentile(im.clean, 0.5)), float(np.percentile(im.clean, 99.5))
@@ -775,17 +779,27 @@ def _figures(
             if m in run_methods:
                 panels.append((_LABELS[m], run_methods[m].run(noisy), "gray"))
         if feature_net is not None:
-            panels.append(("GB noisy", np.abs(_gb_signed(feature_net, noisy[None])[0]), "inferno"))
+            g_noisy = _gb_signed(feature_net, noisy[None])[0]
+            panels.append(("GB noisy", np.abs(g_noisy), "inferno"))
             den_m = "ours" if "ours" in run_methods else next((m for m in _FIGURE_METHODS if m in run_methods), None)
             if den_m is not None:
-                den = run_methods[den_m].run(noisy)
-                panels.append((f"GB {_LABELS[den_m]}", np.abs(_gb_signed(feature_net, den[None])[0]), "inferno"))
-        fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6))
+                g_den = _gb_signed(feature_net, run_methods[den_m].run(noisy)[None])[0]
+                panels.append((f"GB {_LABELS[den_m]}", np.abs(g_den), "inferno"))
+                # The clean image is known: where the denoised structure differs from the truth.
+                g_clean = _gb_signed(feature_net, im.clean[None])[0]
+                panels.append((f"change vs clean\n{_LABELS[den_m]}", feature_change(g_den, g_clean), "change"))
+        gb_maps = [arr for _, arr, cmap in panels if cmap == "inferno"]
+        window = saliency_window(*gb_maps) if gb_maps else None  # one scale for all GB panels
+        fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.9))
         for ax, (title, arr, cmap) in zip(np.atleast_1d(axes), panels, strict=True):
             if cmap == "gray":
                 ax.imshow(arr, cmap=cmap, vmin=vmin, vmax=vmax)
             else:
-                ax.imshow(arr, cmap=cmap, vmin=0, vmax=float(np.percentile(arr, 99.5)) or 1.0)
+                mappable = draw_map(ax, arr, window if cmap == "inferno" else None)
+                bar = fig.colorbar(mappable, ax=ax, orientation="horizontal", fraction=0.05, pad=0.02)
+                bar.ax.tick_params(labelsize=5)
+                bar.locator = MaxNLocator(3)
+                bar.update_ticks()
             ax.set_title(title, fontsize=8)
             ax.axis("off")
         fig.suptitle(f"{nz} (level {_fmt_level(level)}) - {Path(im.source).name} slice {im.index}", fontsize=9)

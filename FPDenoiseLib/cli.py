@@ -315,6 +315,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from .display import BACKGROUND_PERCENTILE, FEATURE_SCORE_MEANING, saliency_window
     from .figures import save_panel
     from .inference import Denoiser, sample_data_path
     from .intensity import in_normalized_units
@@ -324,7 +325,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     clean = read_image(args.input or sample_data_path())
-    den = Denoiser(args.model, device=args.device)
+    den = Denoiser(args.model, device=args.device, **_quality_kwargs(args))
     noisy_arr = in_normalized_units(
         clean.array, lambda x: add_noise(x, args.noise, level=args.level, seed=args.seed), modality=clean.modality
     )
@@ -339,6 +340,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         write_image(res.denoised, out / "denoised.nrrd", like=clean, description="denoised"),
         write_image(res.saliency_input, out / "saliency_noisy.nrrd", like=clean, description="saliency"),
         write_image(res.saliency_output, out / "saliency_denoised.nrrd", like=clean, description="saliency"),
+        write_image(res.feature_change, out / "feature_change.nrrd", like=clean, description="feature change"),
     ]
     k = clean.array.shape[0] // 2
     c = clean.array[k].astype(np.float32)
@@ -349,15 +351,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stats = (
         f"{args.noise} level {args.level}: PSNR noisy {psnr(c, n, data_range=rng):.2f} dB -> "
         f"denoised {psnr(c, d, data_range=rng):.2f} dB; SSIM {ssim(c, n, data_range=rng):.3f} -> "
-        f"{ssim(c, d, data_range=rng):.3f}; feature preservation {res.fp_score:.3f}"
+        f"{ssim(c, d, data_range=rng):.3f}; feature score {res.fp_score:.3f}"
     )
+    # The clean image is known here: also show where the output's structure differs from the truth.
+    change_clean = den.feature_change_array(res.denoised.array[k][None], clean.array[k][None], modality=clean.modality)[0]
+    s_in, s_out = res.saliency_input.array[k], res.saliency_output.array[k]
+    shared = saliency_window(s_in, s_out)  # equal colour = equal saliency in both GB panels
     paths.append(
         save_panel(
             [("clean", c), ("noisy", n), ("denoised", d),
-             ("GB noisy", res.saliency_input.array[k], "inferno"), ("GB denoised", res.saliency_output.array[k], "inferno")],
+             ("GB noisy", s_in, "inferno", shared), ("GB denoised", s_out, "inferno", shared),
+             ("feature change\n|GB(den) - GB(noisy)|", res.feature_change.array[k], "inferno"),
+             ("vs clean\n|GB(den) - GB(clean)|", change_clean, "inferno")],
             out / "panel.png",
             title=stats,
             shared_range=(lo, hi),
+            footer=f"feature score {res.fp_score:.3f} — {FEATURE_SCORE_MEANING}; colours: Inferno, "
+                   f"lowest {BACKGROUND_PERCENTILE:g} % of each map (background) not drawn",
         )
     )
     print(stats)
