@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import unittest
 from typing import Annotated
 
@@ -18,8 +16,8 @@ import ctk  # noqa: F401  (ctk widgets in the .ui)
 import qt
 import slicer
 import vtk
+from FPDenoiseSlicerLib.jobs import JobManager
 from FPDenoiseSlicerLib.logic import FPDenoiseMRMLLogic, missingDependencies
-from FPDenoiseSlicerLib.process import BackgroundJob
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -109,10 +107,10 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None  # BackgroundJob while denoising/training
+        self._job = None  # jobs.ModuleJob while denoising/training
         self._jobKind = ""
-        self._jobWorkDir = None
-        self._jobTarget = None
+        self.jobs = None  # JobManager: cancels jobs on scene close, drops results whose volume is gone
+        self.logBox = None
         self._timer = None
         self._dependenciesChecked = False
 
@@ -125,6 +123,7 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = FPDenoiseLogic()
+        self.jobs = JobManager(self.logic, launcher=slicer.util.launchConsoleProcess)
         # Combo boxes bound to Choice fields are filled by the parameter node wrapper.
         self.ui.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Files
         self.ui.modelPathLineEdit.nameFilters = ["FPDenoise checkpoint (*.pt)"]
@@ -134,6 +133,14 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setVisible(False)
         self.ui.fpScoreLabel.text = "-"
         self.ui.metricsLabel.text = "-"
+        # Log box: the background process's lines, and errors in full. Built in code (not in the .ui)
+        # so it needs no layout change there.
+        self.logBox = qt.QPlainTextEdit()
+        self.logBox.setReadOnly(True)
+        self.logBox.setMaximumBlockCount(5000)
+        self.logBox.setMaximumHeight(140)
+        self.logBox.toolTip = "Output of the background denoise / training process"
+        self.layout.addWidget(self.logBox)
         self.ui.legendLabel.text = self.logic.legendText()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -160,10 +167,11 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.removeObservers()
-        if self._job is not None and self._job.running:
-            self._job.cancel()
         if self._timer is not None:
             self._timer.stop()
+        if self.jobs is not None:  # a job must not outlive the module: kill it and delete its temp files
+            self.jobs.close()
+        self._job, self._jobKind = None, ""
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -175,6 +183,10 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # The JobManager observes this event too; cancelling here as well keeps the order explicit: the
+        # job dies (and its exported volume is deleted) before the patient's nodes go away.
+        if self.jobs is not None:
+            self.jobs.cancelAll("the scene was closed")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -290,14 +302,14 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Denoising failed.", waitCursor=True):
             if p.runInBackground:
-                cmd, work = self.logic.prepareBackgroundDenoise(
+                job = self.jobs.startDenoise(
                     p.inputVolume,
                     modelPath=self._modelPath(),
                     device=p.device,
                     computeSaliency=p.computeSaliency,
                     strength=p.strength,
                 )
-                self._startJob("denoise", cmd, work, p.inputVolume)
+                self._startJob(job)
             else:
                 self._showProgress(0, 1, "denoising")
                 result = self.logic.denoise(
@@ -312,6 +324,9 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onDenoiseResult(self, result: dict) -> None:
         p = self._parameterNode
+        if p is None:  # module not entered since the scene was closed: show the result, keep no state
+            slicer.util.setSliceViewerLayers(background=result["outputVolumeNode"], foreground=None, fit=True)
+            return
         p.outputVolume = result["outputVolumeNode"]
         p.inputSaliency = result["inputSaliencyNode"]
         p.outputSaliency = result["outputSaliencyNode"]
@@ -377,10 +392,8 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.app.defaultScenePath, "fpdenoise_finetuned.pt"
         )
         with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
-            work = tempfile.mkdtemp(prefix="FPDenoise-train-")
-            self.logic.exportVolumesForTraining(nodes, os.path.join(work, "data"))
-            cmd = self.logic.trainingCommand(
-                os.path.join(work, "data"),
+            job = self.jobs.startTraining(
+                nodes,
                 out,
                 stage=p.trainStage,
                 noises=p.trainNoises.split() or ["mix"],
@@ -388,16 +401,15 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=p.device,
                 initModelPath=self._modelPath(),
             )
-            self._startJob("train", cmd, work, out)
+            self._startJob(job)
 
-    # ---- background job plumbing
-    def _startJob(self, kind: str, cmd: list, workDir, target) -> None:
-        logging.info("FPDenoise: running %s", " ".join(cmd))
-        self._job = BackgroundJob(
-            cmd, launcher=slicer.util.launchConsoleProcess, env=self.logic.backgroundEnvironment()
-        )
-        self._jobKind, self._jobWorkDir, self._jobTarget = kind, workDir, target
-        self._showProgress(0, 0, f"{kind}: starting")
+    # ---- background job plumbing (lifecycle and scene safety: FPDenoiseSlicerLib/jobs.py)
+    def _startJob(self, job) -> None:
+        self._job, self._jobKind = job, job.kind
+        if self.logBox is not None:
+            self.logBox.clear()
+            self.logBox.appendPlainText("$ " + " ".join(job.process.args))
+        self._showProgress(0, 0, f"{job.kind}: starting")
         self._updateButtons()
         self._timer.start()
 
@@ -415,38 +427,44 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is None:
             self._timer.stop()
             return
-        lines, progress, code = job.poll()
-        for line in lines:
-            logging.debug("FPDenoise: %s", line)
-        if progress is not None:
-            self._showProgress(progress.done, progress.total, f"{self._jobKind}: {progress.message}")
-        if code is None:
+        newLines: list = []
+        try:
+            outcome = self.jobs.poll(job, newLines)
+        except Exception as err:  # reading the results failed: the job is over, say why in full
+            self._job, self._jobKind = None, ""
+            self._timer.stop()
+            self.ui.progressBar.setVisible(False)
+            self._updateButtons()
+            slicer.util.errorDisplay(f"FPDenoise {job.kind}: could not load the results:\n{err}")
+            return
+        if newLines and self.logBox is not None:
+            self.logBox.appendPlainText("\n".join(newLines))
+        progress = self.jobs.progress(job)
+        if outcome is None:
+            if progress is not None:
+                self._showProgress(progress.done, progress.total, f"{job.kind}: {progress.message}")
             return
         self._timer.stop()
-        kind, work, target = self._jobKind, self._jobWorkDir, self._jobTarget
         self._job, self._jobKind = None, ""
         self.ui.progressBar.setVisible(False)
+        self.ui.statusLabel.text = outcome.message.splitlines()[0]
+        if self.logBox is not None:
+            self.logBox.appendPlainText(outcome.message)
         try:
-            if job.cancelled:
-                self.ui.statusLabel.text = f"{kind} cancelled."
-            elif code != 0:
-                self.ui.statusLabel.text = f"{kind} failed."
-                slicer.util.errorDisplay(f"FPDenoise {kind} failed:\n{job.error_summary()}")
-            elif kind == "denoise":
-                self._onDenoiseResult(self.logic.loadBackgroundDenoiseResults(target, work))
-                self.ui.statusLabel.text = "Denoising finished."
-            elif kind == "train":
-                self._parameterNode.modelPath = str(target)
-                self.ui.statusLabel.text = f"Training finished: {target} is now the selected model."
+            if outcome.status == "failed":
+                slicer.util.errorDisplay(f"FPDenoise: {outcome.message}")
+            elif outcome.status == "done" and outcome.kind == "denoise":
+                self._onDenoiseResult(outcome.result)
+                self.ui.statusLabel.text = outcome.message
+            elif outcome.status == "done" and outcome.kind == "train" and self._parameterNode is not None:
+                self._parameterNode.modelPath = str(outcome.result)
         finally:
-            if work:  # exported inputs / worker outputs are no longer needed
-                shutil.rmtree(work, ignore_errors=True)
             self._updateButtons()
 
     def _cancelJob(self) -> None:
         if self._job is not None:
             self.ui.statusLabel.text = "Cancelling..."
-            self._job.cancel()  # kills the whole process tree; onPollJob finishes the bookkeeping
+            self.jobs.cancel(self._job, "by the user")  # kills the process tree, deletes the temp folder
             self.onPollJob()
 
 
