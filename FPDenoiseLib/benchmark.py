@@ -577,7 +577,7 @@ def _run_group(
     else:
         fscores = [math.nan] * len(outs)
     rows = []
-    for m, den, sec, fs in zip(todo, outs, secs, fscores, strict=True):
+    for m, den, sec, fs in zip(todo, outs, secs, fscores):
         den_o = original_units(im, den)
         rows.append({
             "image": i, "source": im.source, "slice_index": im.index, "modality": im.modality,
@@ -791,7 +791,7 @@ def _figures(
         gb_maps = [arr for _, arr, cmap in panels if cmap == "inferno"]
         window = saliency_window(*gb_maps) if gb_maps else None  # one scale for all GB panels
         fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.9))
-        for ax, (title, arr, cmap) in zip(np.atleast_1d(axes), panels, strict=True):
+        for ax, (title, arr, cmap) in zip(np.atleast_1d(axes), panels):
             if cmap == "gray":
                 ax.imshow(arr, cmap=cmap, vmin=vmin, vmax=vmax)
             else:

@@ -72,7 +72,7 @@ def save_panel(
     path = Path(path)
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.4 if footer else 3.2), squeeze=False)
-    for ax, item in zip(axes[0], panels, strict=True):
+    for ax, item in zip(axes[0], panels):
         name, arr = item[0], np.asarray(item[1], dtype=np.float32)
         cmap = item[2] if len(item) > 2 else "gray"
         if cmap == "gray":

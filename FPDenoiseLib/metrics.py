@@ -140,7 +140,7 @@ def ssim(reference: Any, test: Any, *, data_range: float) -> float:
         raise InputError(f"reference: SSIM needs slices of at least 7x7 pixels, got shape {ref.shape}")
     if ref.ndim == 2:
         return float(structural_similarity(ref, tst, data_range=dr))
-    return float(np.mean([structural_similarity(r, t, data_range=dr) for r, t in zip(ref, tst, strict=True)]))
+    return float(np.mean([structural_similarity(r, t, data_range=dr) for r, t in zip(ref, tst)]))
 
 
 def feature_preservation(gb_reference: Any, gb_test: Any) -> float:

@@ -241,7 +241,7 @@ def _validate(model: nn.Module, val: np.ndarray, noise: Callable, seed: int, dev
         den = model(torch.from_numpy(noisy).to(device)).cpu().numpy()
     model.train()
     ps, ss, ps0 = [], [], []
-    for c, n, d in zip(val[:, 0], noisy[:, 0], den[:, 0], strict=True):
+    for c, n, d in zip(val[:, 0], noisy[:, 0], den[:, 0]):
         rng_ = max(float(c.max() - c.min()), 1e-6)
         ps.append(min(psnr(c, d, data_range=rng_), 100.0))
         ps0.append(min(psnr(c, n, data_range=rng_), 100.0))

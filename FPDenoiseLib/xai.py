@@ -96,7 +96,7 @@ def guided_mode(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for m, p in zip(relus, previous, strict=True):
+        for m, p in zip(relus, previous):
             m.guided = p
 
 

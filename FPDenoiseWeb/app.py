@@ -3,8 +3,9 @@
     fpdenoise view [INPUT] [--model CKPT] [--host 127.0.0.1] [--port N] [--data-root DIR]
                    [--output-dir DIR] [--device auto|cpu|cuda]
 
-Serves two linked Slicer slice views rendered on the server (left: input + saliency heat overlay,
-right: denoised + saliency overlay) with the module's controls. All work goes through
+Serves two linked Slicer slice views rendered on the server (left: input + saliency overlay, right:
+denoised + feature-change or saliency overlay, Inferno colours, colour legend and feature score) with
+the module's controls, including a Strength slider that re-runs denoising. All work goes through
 :class:`FPDenoiseWeb.viewer.ViewerSession`, i.e. the Slicer module's Logic.
 
 Safety: binds 127.0.0.1 unless ``--host`` says otherwise; then it warns, and a ``--data-root`` must be
@@ -94,6 +95,12 @@ def build_app(session, server=None):
             "noise_level": 0.5,
             "opacity": session.opacity,
             "threshold": session.threshold,
+            "strength": session.strength,
+            "right_overlay": session.right_overlay,
+            "legend_gradient": "",
+            "legend_sal": "",
+            "legend_change": "",
+            "score_text": "",
             "wl_preset": None,
             "slice_index": 0,
             "slice_max": 0,
@@ -111,8 +118,15 @@ def build_app(session, server=None):
     def sync_state() -> None:
         s = session.scores
         parts = []
-        if s.fp_score is not None:
-            parts.append(f"Feature preservation {s.fp_score:.3f}")
+        legend = session.legend()
+        state.legend_gradient = legend["gradient"] if legend else ""
+        state.score_text = legend["score_text"] if legend else ""
+
+        def ticks(t):
+            return "" if not t else f"{t[0][1]:.3g} … {t[-1][1]:.3g}"
+
+        state.legend_sal = ticks(legend["saliency_ticks"]) if legend else ""
+        state.legend_change = ticks(legend["change_ticks"]) if legend else ""
         if s.psnr_noisy is not None:
             parts.append(f"noisy PSNR {s.psnr_noisy:.2f} dB / SSIM {s.ssim_noisy:.3f}")
         if s.psnr_denoised is not None:
@@ -183,6 +197,24 @@ def build_app(session, server=None):
     @state.change("threshold")
     def _threshold(threshold, **_):
         session.set_threshold(float(threshold))
+        sync_state()
+
+    @state.change("right_overlay")
+    @guarded
+    def _right_overlay(right_overlay=None, **_):
+        if right_overlay:
+            session.set_right_overlay(right_overlay)
+
+    @state.change("strength")
+    @guarded
+    def _strength(strength, **_):
+        # A new strength re-runs the denoise of the open volume (in the background, cancellable).
+        if abs(float(strength) - session.strength) < 1e-9:
+            return
+        session.set_strength(float(strength))
+        if session.input_node is not None and session.result is not None:
+            session.cancel_denoise()
+            session.start_denoise()
 
     @state.change("wl_preset")
     @guarded
@@ -237,23 +269,43 @@ def build_app(session, server=None):
                     v3.VBtn("Denoise", click=ctrl.denoise, color="primary", disabled=("!loaded_name || running",),
                             id="denoise-btn", classes="mr-2")
                     v3.VBtn("Cancel", click=ctrl.cancel, disabled=("!running",), id="cancel-btn")
+                with html.Div(id="strength"):
+                    v3.VSlider(v_model=("strength",), min=0, max=2, step=0.25, label="Strength",
+                               density="compact", hide_details=True, thumb_label=True, disabled=("running",))
+                html.Div("0 = unchanged · 0.5 low · 1 medium (as trained) · 2 high; changing it re-runs Denoise",
+                         classes="text-caption")
                 v3.VProgressLinear(model_value=("progress",), height=8, classes="my-2", id="progress")
                 html.Div("{{ status }}", classes="text-caption", id="status")
                 html.Div("{{ error }}", classes="text-caption text-error", id="error")
                 html.Div("{{ scores }}", classes="text-body-2 my-1", id="scores")
+                # Colour legend of the overlays (same table and window rule as Slicer and the PNG panels).
+                with html.Div(v_show=("legend_gradient",), id="legend", classes="my-1"):
+                    html.Div("{{ score_text }}", classes="text-body-2 font-weight-bold", id="score-text")
+                    html.Div(style=("{ background: legend_gradient, height: '12px', borderRadius: '2px' }",),
+                             id="colorbar")
+                    html.Div("low → high · values at or below the background percentile are not drawn",
+                             classes="text-caption")
+                    html.Div("saliency |GB|: {{ legend_sal }}", classes="text-caption", id="legend-sal")
+                    html.Div("feature change |GB(denoised) − GB(input)|: {{ legend_change }}",
+                             classes="text-caption", id="legend-change")
+                html.Div("Right overlay", classes="text-caption mt-2")
+                with v3.VBtnToggle(v_model=("right_overlay",), density="compact", divided=True, variant="outlined",
+                                   id="right-overlay", mandatory=True):
+                    v3.VBtn("Feature change", value="feature_change", size="x-small")
+                    v3.VBtn("Saliency", value="saliency", size="x-small")
                 v3.VDivider(classes="my-2")
                 with html.Div(id="opacity"):
                     v3.VSlider(v_model=("opacity",), min=0, max=1, step=0.05, label="Overlay opacity",
                            density="compact", hide_details=True, thumb_label=True)
                 with html.Div(id="threshold"):
-                    v3.VSlider(v_model=("threshold",), min=0, max=0.9, step=0.05, label="Overlay threshold",
+                    v3.VSlider(v_model=("threshold",), min=0, max=99, step=1, label="Hide background (percentile)",
                            id="threshold", density="compact", hide_details=True, thumb_label=True)
                 with html.Div(id="slice"):
                     v3.VSlider(v_model=("slice_index",), min=0, max=("slice_max",), step=1, label="Slice",
                            density="compact", hide_details=True, thumb_label=True)
                 html.Div("Window / level", classes="text-caption mt-2")
                 with v3.VBtnToggle(v_model=("wl_preset",), density="compact", divided=True, variant="outlined"):
-                    for key, text in zip(WINDOW_PRESETS, ("Lung", "Soft tissue", "Bone", "X-ray auto"), strict=True):
+                    for key, text in zip(WINDOW_PRESETS, ("Lung", "Soft tissue", "Bone", "X-ray auto")):
                         v3.VBtn(text, value=key, size="x-small")
                 v3.VDivider(classes="my-2")
                 v3.VTextField(v_model=("save_stem",), label="Save as (name)", density="compact", hide_details=True)

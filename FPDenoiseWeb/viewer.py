@@ -2,7 +2,8 @@
 
 :class:`ViewerSession` is everything the web page does, without trame: open a volume under the data
 root (or the bundled sample), simulate noise, denoise in a background process with progress and
-Cancel, overlay opacity / threshold, window/level presets, scores, saving. The page
+Cancel, strength, overlay opacity / background threshold, saliency or feature-change overlay on the
+right, colour legend, window/level presets, scores, saving. The page
 (:mod:`FPDenoiseWeb.app`) calls it from its callbacks; the rendering tests drive it with trame-slicer's
 serverless ``DirectViewFactory``. All MRML work goes through
 :class:`FPDenoiseSlicerLib.logic.FPDenoiseMRMLLogic` (nodes, overlays, colour maps, scores): the viewer
@@ -39,14 +40,17 @@ if str(REPO / "FPDenoise") not in sys.path:
 
 import slicer  # noqa: E402
 from FPDenoiseSlicerLib.logic import (  # noqa: E402
-    DEFAULT_SALIENCY_THRESHOLD,
     LEFT_VIEW,
     RIGHT_VIEW,
     FPDenoiseMRMLLogic,
 )
 from FPDenoiseSlicerLib.process import BackgroundJob  # noqa: E402
 
+from FPDenoiseLib.display import BACKGROUND_PERCENTILE, colorbar_ticks, colour_table  # noqa: E402
 from FPDenoiseLib.errors import InputError, OutputError  # noqa: E402
+
+#: What the right view overlays on the denoised volume.
+RIGHT_OVERLAYS = ("saliency", "feature_change")
 
 # Slicer's own CT presets (Volumes module): (window, level) in HU. "auto" = Slicer's automatic
 # window/level from the histogram, the right choice for X-ray (arbitrary detector units) and MR.
@@ -148,8 +152,10 @@ class ViewerSession:
         self.result: dict | None = None
         self.scores = Scores()
         self.status = DenoiseStatus()
-        self.threshold = DEFAULT_SALIENCY_THRESHOLD
+        self.threshold = BACKGROUND_PERCENTILE  # percentile of each map hidden as background
         self.opacity = 0.5
+        self.strength = 1.0
+        self.right_overlay = "feature_change"
         self._job: BackgroundJob | None = None
         self._work: Path | None = None
         if offscreen_views:
@@ -273,7 +279,7 @@ class ViewerSession:
         # Scratch folder inside the output folder: nothing is written anywhere else.
         self._work = Path(tempfile.mkdtemp(prefix=".fpdenoise-work-", dir=self.output_dir))
         cmd, _ = self.logic.prepareBackgroundDenoise(
-            self.input_node, self._work, modelPath=self.model, device=self.device
+            self.input_node, self._work, modelPath=self.model, device=self.device, strength=self.strength
         )
         self.status = DenoiseStatus("running", 0.0, "starting")
         self._job = BackgroundJob(cmd, env=self.logic.backgroundEnvironment())
@@ -333,7 +339,7 @@ class ViewerSession:
     def _show_result(self, result: dict) -> None:
         # Replace the nodes of a previous run of the same input instead of piling them up.
         if self.result is not None:
-            for key in ("outputVolumeNode", "inputSaliencyNode", "outputSaliencyNode"):
+            for key in ("outputVolumeNode", "inputSaliencyNode", "outputSaliencyNode", "featureChangeNode"):
                 if self.result.get(key) is not None:
                     slicer.mrmlScene.RemoveNode(self.result[key])
         self.result = result
@@ -341,10 +347,10 @@ class ViewerSession:
             self.input_node,
             result["inputSaliencyNode"],
             result["outputVolumeNode"],
-            result["outputSaliencyNode"],
+            self._right_overlay_node(),
             opacity=self.opacity,
         )
-        if result["inputSaliencyNode"] is not None and self.threshold != DEFAULT_SALIENCY_THRESHOLD:
+        if result["inputSaliencyNode"] is not None and self.threshold != BACKGROUND_PERCENTILE:
             self.set_threshold(self.threshold)
         self.scores.fp_score = result["fpScore"]
         gt = self.logic.groundTruthFor(self.input_node)
@@ -360,16 +366,67 @@ class ViewerSession:
         self.logic.setOverlayOpacity(self.opacity)
         self._refresh()
 
-    def set_threshold(self, fraction: float) -> None:
-        """Saliency below ``fraction`` of the shared display range is transparent (both views)."""
-        self.threshold = float(np.clip(fraction, 0.0, 1.0))
+    def set_threshold(self, percentile: float) -> None:
+        """Hide each map's values at or below its ``percentile`` (0..99) as background, all overlays.
+
+        The window rule is :func:`FPDenoiseLib.display.saliency_window` (the Slicer module's): the two
+        saliency maps share one window, the feature change has its own.
+        """
+        from FPDenoiseLib.display import saliency_window
+
+        self.threshold = float(np.clip(percentile, 0.0, 99.0))
         if self.result is None or self.result["inputSaliencyNode"] is None:
             return
-        for key in ("inputSaliencyNode", "outputSaliencyNode"):
-            node = self.result[key]
-            hi = node.GetDisplayNode().GetWindowLevelMax()
-            self.logic.setSaliencyDisplay(node, window=(0.0, hi), thresholdFraction=self.threshold)
+        sal = [self.result[k] for k in ("inputSaliencyNode", "outputSaliencyNode")]
+        window = saliency_window(*(slicer.util.arrayFromVolume(n) for n in sal), background_percentile=self.threshold)
+        for node in sal:
+            self.logic.setSaliencyDisplay(node, window=window)
+        if self.result.get("featureChangeNode") is not None:
+            self.logic.setSaliencyDisplay(self.result["featureChangeNode"], backgroundPercentile=self.threshold)
         self._refresh()
+
+    def _right_overlay_node(self):
+        if self.result is None:
+            return None
+        key = "featureChangeNode" if self.right_overlay == "feature_change" else "outputSaliencyNode"
+        return self.result.get(key) or self.result.get("outputSaliencyNode")
+
+    def set_right_overlay(self, which: str) -> None:
+        """Overlay on the denoised (right) view: ``"saliency"`` or ``"feature_change"``."""
+        if which not in RIGHT_OVERLAYS:
+            raise InputError(f"right overlay {which!r}: choose one of {', '.join(RIGHT_OVERLAYS)}")
+        self.right_overlay = which
+        if self.result is not None:
+            self.logic.setRightOverlay(self._right_overlay_node())
+        self._refresh()
+
+    def set_strength(self, strength: float) -> None:
+        """Denoising strength for the next run (0 = input unchanged, 1 = as trained, 2 = stronger)."""
+        self.strength = float(np.clip(strength, 0.0, 2.0))
+
+    def legend(self) -> dict | None:
+        """Colour legend of the overlays: CSS gradient, tick values of each window, feature score text.
+
+        None before a denoise with saliency. ``ticks`` are ``(fraction along the bar, value)`` pairs.
+        """
+        from FPDenoiseLib.display import feature_score_text
+
+        if self.result is None or self.result["inputSaliencyNode"] is None:
+            return None
+        table = colour_table(self.logic.displayWindowOf(self.result["inputSaliencyNode"]).gamma)
+        stops = ", ".join(
+            f"rgb({int(round(r * 255))},{int(round(g * 255))},{int(round(b * 255))}) {100 * i / 15:.1f}%"
+            for i, (r, g, b) in enumerate(table[::17])
+        )
+        out = {
+            "gradient": f"linear-gradient(to right, {stops})",
+            "saliency_ticks": colorbar_ticks(self.logic.displayWindowOf(self.result["inputSaliencyNode"])),
+            "change_ticks": None,
+            "score_text": feature_score_text(self.result.get("fpScore")),
+        }
+        if self.result.get("featureChangeNode") is not None:
+            out["change_ticks"] = colorbar_ticks(self.logic.displayWindowOf(self.result["featureChangeNode"]))
+        return out
 
     def set_window_preset(self, preset: str) -> None:
         """Window/level of both grey-scale volumes: ``ct_lung``, ``ct_soft_tissue``, ``ct_bone`` or ``auto``."""
@@ -420,9 +477,10 @@ class ViewerSession:
 
     # ------------------------------------------------------------------ saving
     def save(self, stem: str | None = None) -> list[Path]:
-        """Write the denoised volume and both saliency maps as NRRD into the output folder.
+        """Write the denoised volume, both saliency maps and the feature change as NRRD into the output folder.
 
-        Names are ``<stem>_denoised.nrrd``, ``<stem>_saliency.nrrd``, ``<stem>_denoised_saliency.nrrd``;
+        Names are ``<stem>_denoised.nrrd``, ``<stem>_saliency.nrrd``, ``<stem>_denoised_saliency.nrrd``,
+        ``<stem>_feature_change.nrrd``;
         ``stem`` is reduced to a plain file name (no folders), default the input's name.
         """
         if self.result is None:
@@ -430,8 +488,12 @@ class ViewerSession:
         base = safe_name(stem or self.input_node.GetName())
         self.output_dir.mkdir(parents=True, exist_ok=True)
         written = [self.logic.saveVolume(self.result["outputVolumeNode"], self.output_dir / f"{base}_denoised.nrrd")]
-        for key, suffix in (("inputSaliencyNode", "saliency"), ("outputSaliencyNode", "denoised_saliency")):
-            if self.result[key] is not None:
+        for key, suffix in (
+            ("inputSaliencyNode", "saliency"),
+            ("outputSaliencyNode", "denoised_saliency"),
+            ("featureChangeNode", "feature_change"),
+        ):
+            if self.result.get(key) is not None:
                 written.append(self.logic.saveVolume(self.result[key], self.output_dir / f"{base}_{suffix}.nrrd"))
         return written
 

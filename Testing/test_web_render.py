@@ -78,6 +78,18 @@ def test_overlay_follows_saliency_threshold_in_right_view(session, tmp_path):
     res = session.result
     sal_node = res["outputSaliencyNode"]
     assert -1.0 <= session.scores.fp_score <= 1.0
+    # Third overlay: the feature change, a volume with the input's geometry, on the right by default.
+    change = res["featureChangeNode"]
+    assert change is not None and change.GetName().endswith("feature change")
+    assert slicer.util.arrayFromVolume(change).shape == slicer.util.arrayFromVolume(session.input_node).shape
+    np.testing.assert_allclose(change.GetSpacing(), session.input_node.GetSpacing())
+    comp = session.logic.sliceCompositeNode("Yellow")
+    assert comp.GetForegroundVolumeID() == change.GetID()
+    legend = session.legend()
+    assert legend["score_text"].startswith("feature score ") and "1.0 = every feature kept" in legend["score_text"]
+    assert legend["gradient"].startswith("linear-gradient(") and legend["change_ticks"] is not None
+    session.set_right_overlay("saliency")
+    assert comp.GetForegroundVolumeID() == sal_node.GetID()
     # The worker's scratch folder is gone and nothing else was written.
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -96,20 +108,18 @@ def test_overlay_follows_saliency_threshold_in_right_view(session, tmp_path):
     # A pixel may straddle a voxel boundary: judge it by its 3x3 in-plane neighbourhood, with margins.
     sal_min = minimum_filter(sal, size=(1, 3, 3))
     sal_max = maximum_filter(sal, size=(1, 3, 3))
-    # Thresholds at the 50th and 80th percentile of the shown saliency, so both sides have pixels
-    # whatever the checkpoint (an untrained one puts most of its saliency on the image border).
-    hi = sal_node.GetDisplayNode().GetWindowLevelMax()
-    shown = sal[at][inside & ~border] / hi
-    for fraction in np.clip(np.quantile(shown, [0.5, 0.8]), 0.02, 0.9):
-        session.set_threshold(float(fraction))
+    # The threshold is a percentile of the two saliency maps (the display module's rule).
+    both = np.concatenate([slicer.util.arrayFromVolume(res[k]).ravel() for k in ("inputSaliencyNode", "outputSaliencyNode")])
+    for percentile in (50.0, 80.0):
+        session.set_threshold(percentile)
         display = sal_node.GetDisplayNode()
         lower = display.GetLowerThreshold()
-        assert lower == pytest.approx(fraction * display.GetWindowLevelMax())
+        assert lower == pytest.approx(np.percentile(both, percentile), rel=1e-5)
         rgb = session.capture("Yellow").astype(int)
         drawn = _is_heat(rgb) | (np.abs(rgb - ct_only).max(axis=-1) > 12)
         high = inside & ~border & (sal_min[at] > 1.2 * lower)
         low = inside & ~border & (sal_max[at] < 0.8 * lower)
-        assert high.sum() > 50 and low.sum() > 50, (fraction, high.sum(), low.sum())
+        assert high.sum() > 50 and low.sum() > 50, (percentile, high.sum(), low.sum())
         assert drawn[high].mean() > 0.9, f"overlay missing where saliency is high: {drawn[high].mean():.3f}"
         assert drawn[low].mean() < 0.05, f"overlay drawn below the threshold: {drawn[low].mean():.3f}"
 
@@ -128,8 +138,19 @@ def test_overlay_follows_saliency_threshold_in_right_view(session, tmp_path):
     assert yellow.get_slice_value() == pytest.approx(red.get_slice_value())
 
     saved = session.save("../../escape")
-    assert [p.parent for p in saved] == [tmp_path / "out"] * 3
-    assert sorted(p.name for p in saved) == ["escape_denoised.nrrd", "escape_denoised_saliency.nrrd", "escape_saliency.nrrd"]
+    assert [p.parent for p in saved] == [tmp_path / "out"] * 4
+    assert sorted(p.name for p in saved) == [
+        "escape_denoised.nrrd", "escape_denoised_saliency.nrrd", "escape_feature_change.nrrd", "escape_saliency.nrrd"
+    ]
+
+    # Strength 0 re-run: the output is the input exactly and nothing changed.
+    session.set_strength(0.0)
+    session.start_denoise()
+    assert session.wait_denoise(timeout=300).state == "done"
+    np.testing.assert_array_equal(
+        slicer.util.arrayFromVolume(session.result["outputVolumeNode"]), slicer.util.arrayFromVolume(session.input_node)
+    )
+    assert not slicer.util.arrayFromVolume(session.result["featureChangeNode"]).any()
 
 
 def test_lps_volume_orientation(session, tmp_path):
