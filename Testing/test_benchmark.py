@@ -111,7 +111,7 @@ def test_summary_table_layout(setup):
             assert shown == [float(format(v, fmt)) for v in means]
             bold = [c.startswith("**") for c in cells]
             assert bold[int(np.argmax(means))] and sum(bold) >= 1
-            assert all(not b or format(v, fmt) == format(max(means), fmt) for b, v in zip(bold, means, strict=True))
+            assert all(not b or format(v, fmt) == format(max(means), fmt) for b, v in zip(bold, means))
     for section in ("95% confidence interval", "Feature-preservation score", "## Speed", "not tuned"):
         assert section in md
     assert re.search(r"\| ours \| 6 \| [\d.]+ \[[\d.]+, [\d.]+\]", md)

@@ -163,13 +163,13 @@ def test_patch_sampler_shapes_determinism_resume() -> None:
     s2 = PatchSampler(sl, patch_size=32, batch_size=5, seed=11)
     b1 = [s1.sample() for _ in range(3)]
     assert b1[0].shape == (5, 1, 32, 32) and b1[0].dtype == np.float32
-    assert all(np.array_equal(x, y) for x, y in zip(b1, [s2.sample() for _ in range(3)], strict=True))
+    assert all(np.array_equal(x, y) for x, y in zip(b1, [s2.sample() for _ in range(3)]))
     state = s1.state_dict()
     cont = [s1.sample() for _ in range(4)]
     s3 = PatchSampler(sl, patch_size=32, batch_size=5, seed=999)  # seed is overridden by the state
     s3.load_state_dict(state)
     assert s3.step == 3
-    assert all(np.array_equal(x, y) for x, y in zip(cont, [s3.sample() for _ in range(4)], strict=True))
+    assert all(np.array_equal(x, y) for x, y in zip(cont, [s3.sample() for _ in range(4)]))
     assert not np.array_equal(PatchSampler(sl, patch_size=32, batch_size=5, seed=12).sample(), b1[0])
     with pytest.raises(InputError, match="does not match"):
         PatchSampler(sl, patch_size=16, batch_size=5).load_state_dict(state)

@@ -52,9 +52,9 @@ def test_ssim_2d_equals_skimage_and_3d_is_slice_mean(clean):
     assert ssim(clean, clean, data_range=1.0) == pytest.approx(1.0)
     assert ssim(clean, noisy, data_range=1.0) < ssim(clean, _noisy(clean, 0.02), data_range=1.0) < 1.0
     vol_ref = np.stack([clean, clean[::-1], clean.T])
-    vol_test = np.stack([_noisy(s, sd, i) for i, (s, sd) in enumerate(zip(vol_ref, (0.02, 0.1, 0.3), strict=True))])
+    vol_test = np.stack([_noisy(s, sd, i) for i, (s, sd) in enumerate(zip(vol_ref, (0.02, 0.1, 0.3)))])
     expected = np.mean(
-        [structural_similarity(r.astype(np.float64), t.astype(np.float64), data_range=2.0) for r, t in zip(vol_ref, vol_test, strict=True)]
+        [structural_similarity(r.astype(np.float64), t.astype(np.float64), data_range=2.0) for r, t in zip(vol_ref, vol_test)]
     )
     assert ssim(vol_ref, vol_test, data_range=2.0) == pytest.approx(expected, rel=1e-12)
 

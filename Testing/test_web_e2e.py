@@ -209,7 +209,7 @@ def test_browser_load_denoise_opacity_slice(server):
             gl, gr = _body_geometry(left0), _body_geometry(right0)
             assert left0.shape == right0.shape, (left0.shape, right0.shape)
             assert abs(gl[0] - gr[0]) < 0.2 * gr[0], f"body fraction left {gl[0]:.3f} vs right {gr[0]:.3f}"
-            for name, a, b in zip(("centre x", "centre y", "width", "height"), gl[1:], gr[1:], strict=True):
+            for name, a, b in zip(("centre x", "centre y", "width", "height"), gl[1:], gr[1:]):
                 assert abs(a - b) < 0.05, f"body {name}: left {a:.3f} vs right {b:.3f}"
             assert abs(gl[1] - 0.5) < 0.1, f"body off-centre in the view: x {gl[1]:.3f}"
             _set_slider(page, "#slice", 0.0)  # scroll to the first slice: both (linked) views change

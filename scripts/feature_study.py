@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     full = norm.forward(vol[z_idx[len(z_idx) // 2]])[None, None].copy()
     full_t = torch.from_numpy(full)
 
-    base_int_sobel = float(np.mean([pearson(a, b) for a, b in zip(slices, sob, strict=True)]))
+    base_int_sobel = float(np.mean([pearson(a, b) for a, b in zip(slices, sob)]))
     print(f"baseline corr(intensity, Sobel) = {base_int_sobel:+.2f}")
     rows = []
     per_noise: dict[str, dict[str, dict[str, float]]] = {}  # cand -> noise -> method -> mean score
@@ -262,16 +262,16 @@ def main(argv: list[str] | None = None) -> int:
         gb(f, full_t, readout)
         t_gb = time.perf_counter() - t0
         gclean = gb_np(f, slices, readout)
-        c_int = np.mean([pearson(np.abs(g), s) for g, s in zip(gclean, slices, strict=True)])
-        c_grad = np.mean([pearson(np.abs(g), s) for g, s in zip(gclean, sob, strict=True)])
-        c_fra = np.mean([pearson(np.abs(g), s) for g, s in zip(gclean, fra, strict=True)])
+        c_int = np.mean([pearson(np.abs(g), s) for g, s in zip(gclean, slices)])
+        c_grad = np.mean([pearson(np.abs(g), s) for g, s in zip(gclean, sob)])
+        c_fra = np.mean([pearson(np.abs(g), s) for g, s in zip(gclean, fra)])
         scores: dict[str, dict[str, float]] = {}
         for noise in NOISES:
             acc: dict[str, list[float]] = {}
             for i, outs in enumerate(outputs[noise]):
                 ms = list(outs)
                 gbs = gb_np(f, [outs[m] for m in ms], readout)
-                for m, g in zip(ms, gbs, strict=True):
+                for m, g in zip(ms, gbs):
                     acc.setdefault(m, []).append(feature_preservation(gclean[i], g))
             scores[noise] = {m: float(np.mean(v)) for m, v in acc.items()}
         per_noise[name] = scores
@@ -323,7 +323,7 @@ def write_figure(path: Path, s: np.ndarray, f, names: list[str], crop: int) -> N
     fig, ax = plt.subplots(1, len(names) + 1, figsize=(4 * (len(names) + 1), 4))
     ax[0].imshow(s, cmap="gray")
     ax[0].set_title("clean (lung1 z=27)")
-    for a, n in zip(ax[1:], names, strict=True):
+    for a, n in zip(ax[1:], names):
         g = np.abs(gb_np(f, [s], CANDIDATES[n][1])[0])
         a.imshow(g, cmap="inferno", vmax=np.percentile(g, 99.5))
         a.set_title(f"|GB| {n}")
