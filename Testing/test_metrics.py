@@ -41,7 +41,7 @@ def test_psnr_equals_skimage_and_hu_range(clean):
 def test_psnr_identical_is_inf_and_decreases_with_noise(clean):
     assert psnr(clean, clean.copy(), data_range=1.0) == math.inf
     values = [psnr(clean, _noisy(clean, sd), data_range=1.0) for sd in (0.01, 0.03, 0.1, 0.3)]
-    assert all(a > b for a, b in zip(values, values[1:], strict=False)), values
+    assert all(a > b for a, b in zip(values, values[1:])), values
 
 
 def test_ssim_2d_equals_skimage_and_3d_is_slice_mean(clean):

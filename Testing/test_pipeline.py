@@ -163,7 +163,7 @@ def test_cli_noises_simulate_denoise_saliency(tmp_path, ct_nrrd, tiny_checkpoint
     assert main(["denoise", str(noisy), str(out), "--model", str(tiny_checkpoint), "--saliency-dir", str(sal), "--device", "cpu"]) == 0
     d = read_image(out)
     assert d.array.shape == a.array.shape and d.origin == a.origin and d.direction == a.direction
-    assert sorted(p.name for p in sal.iterdir()) == ["den_saliency_denoised.nrrd", "den_saliency_input.nrrd"]
+    assert sorted(p.name for p in sal.iterdir()) == ["den_feature_change.nrrd", "den_saliency_denoised.nrrd", "den_saliency_input.nrrd"]
     assert main(["saliency", str(noisy), str(tmp_path / "s.nrrd"), "--model", str(tiny_checkpoint)]) == 0
     assert read_image(tmp_path / "s.nrrd").array.dtype == np.float32
 
