@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 from scipy import ndimage
@@ -30,7 +30,8 @@ from scipy import ndimage
 from .errors import InputError
 from .intensity import Normalizer, guess_modality
 
-SeedLike = int | np.random.Generator | None
+# runtime alias: evaluated at import, so typing.Union (int | ... needs Python 3.10; Slicer 5.6/5.8 embed 3.9)
+SeedLike = Union[int, np.random.Generator, None]  # noqa: UP007
 
 __all__ = [
     "Slice",

@@ -1394,7 +1394,11 @@ def _write_dicom(image: Image, arr: np.ndarray, path: Path, *, like: Image | Non
         datasets.append(ds)
 
     def save(ds, fn: Path) -> None:
-        pydicom.dcmwrite(fn, ds, enforce_file_format=True, implicit_vr=False, little_endian=True)
+        if int(pydicom.__version__.split(".")[0]) >= 3:
+            pydicom.dcmwrite(fn, ds, enforce_file_format=True, implicit_vr=False, little_endian=True)
+        else:  # pydicom 2.4: the newest for Python 3.9 (Slicer 5.6/5.8); encoding set on the dataset
+            ds.is_little_endian, ds.is_implicit_VR = True, False
+            pydicom.dcmwrite(fn, ds, write_like_original=False)
 
     if single_file:
         with atomic_path(path, overwrite=overwrite) as tmp:

@@ -41,7 +41,7 @@ new noise (the generator advances); pass a ``np.random.Generator`` to share a st
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 import numpy as np
 from scipy import fft as sfft
@@ -49,7 +49,8 @@ from scipy import ndimage
 
 from .errors import InputError
 
-SeedLike = int | np.random.Generator | None
+# runtime alias: evaluated at import, so typing.Union (int | ... needs Python 3.10; Slicer 5.6/5.8 embed 3.9)
+SeedLike = Union[int, np.random.Generator, None]  # noqa: UP007
 
 __all__ = [
     "DEFAULT_LEVEL",

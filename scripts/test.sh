@@ -15,3 +15,19 @@ fi
 export VTK_DEFAULT_OPENGL_WINDOW=vtkEGLRenderWindow
 .venv/bin/python -m ruff check .
 .venv/bin/python -m pytest -q "$@"
+
+# Python 3.9 (what Slicer 5.6/5.8 embed): the library's core tests, only where a python3.9 exists
+# (FPDENOISE_SKIP_PY39=1 skips). torch 2.8 is the newest torch for 3.9; pydicom 2.4 the newest pydicom.
+# slicer-core has no 3.9 wheel, so the headless Logic tests (test_slicer_*.py) skip themselves there.
+PY39=${PYTHON39:-$(command -v python3.9 || ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.9*/bin/python3.9 2>/dev/null | head -n1 || true)}
+if [ "${FPDENOISE_SKIP_PY39:-0}" = 1 ]; then
+  echo "Python 3.9 run skipped (FPDENOISE_SKIP_PY39=1)"
+elif [ -z "$PY39" ]; then
+  echo "Python 3.9 run skipped: no python3.9 found (set PYTHON39=/path/to/python3.9)"
+else
+  [ -x .venv39/bin/python ] || "$PY39" -m venv .venv39
+  .venv39/bin/python -c "import torch" 2>/dev/null || .venv39/bin/python -m pip install -q "torch==2.8.0"
+  .venv39/bin/python -m pip install -q -e . pytest pytest-timeout
+  OMP_NUM_THREADS=1 .venv39/bin/python -m pytest -q -p no:cacheprovider \
+    Testing/test_core.py Testing/test_metrics.py Testing/test_noise.py Testing/test_slicer_jobs.py
+fi
