@@ -272,7 +272,7 @@ class ResUNet(nn.Module):
 
     Pixel-unshuffle (x2) in, four levels of residual blocks (channels 16-32-64-128 by default,
     strided-conv down, transposed-conv up, additive skips), pixel-shuffle out, global residual
-    ``D(y) = y + R(y, m)``. ``m`` is a noise-level map given as an extra input channel, as in
+    ``D(y) = y + m * R(y, m)``. ``m`` is a noise-level map given as an extra input channel, as in
     DPIR/FFDNet; when not given it is predicted by a built-in :class:`NoiseLevelEstimator`
     (blind denoising). ``strength`` scales the map: 0 returns the input exactly, < 1 denoises
     less, > 1 more (the Low / Medium / High of commercial deep-learning reconstruction).
@@ -294,6 +294,7 @@ class ResUNet(nn.Module):
         unshuffle: int = 2,
         estimator_channels: int = 24,
         estimator_depth: int = 5,
+        noise_scaled_residual: bool = True,
     ) -> None:
         super().__init__()
         channels = [int(c) for c in channels]
@@ -306,7 +307,9 @@ class ResUNet(nn.Module):
             "unshuffle": unshuffle,
             "estimator_channels": estimator_channels,
             "estimator_depth": estimator_depth,
+            "noise_scaled_residual": noise_scaled_residual,
         }
+        self.noise_scaled_residual = noise_scaled_residual
         self.unshuffle = unshuffle
         self.multiple = unshuffle * 2 ** (len(channels) - 1)
         u2 = unshuffle**2
@@ -365,7 +368,12 @@ class ResUNet(nn.Module):
         y = self.body(y)
         for up, dec in zip(self.ups, self.decoders):  # noqa: B905
             y = dec(up(y) + skips.pop())
-        out = (xp + F.pixel_shuffle(self.tail(y), u))[..., :h, :w]
+        r = F.pixel_shuffle(self.tail(y), u)
+        if self.noise_scaled_residual:
+            # The correction is predicted in units of the local noise level: where the map is 0 the
+            # output is the input exactly, so clean regions and clean images pass unchanged.
+            r = r * (m * strength)
+        out = (xp + r)[..., :h, :w]
         return (out, est[..., :h, :w]) if return_map else out
 
 

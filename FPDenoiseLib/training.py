@@ -88,6 +88,7 @@ class TrainConfig:
     # learned exactly, not only approximately at small levels), fraction of samples fed the true
     # local noise map instead of the estimator's (so the map input, and hence --strength, has a
     # meaning), and the weight of the estimator's L1 loss against the true map.
+    amp: str = "off"  # "bf16": autocast mixed precision (GPU runs; weights and optimiser stay float32)
     readout: str = DEFAULT_READOUT  # what GB explains (see FPDenoiseLib.xai.READOUTS)
     zero_level_prob: float = 0.0
     true_map_prob: float = 0.5
@@ -97,7 +98,7 @@ class TrainConfig:
         if self.arch == "resunet" and role == "denoiser":
             b = self.base_channels
             return {"arch": "resunet", "channels": [b, 2 * b, 4 * b, 8 * b], "blocks": 2, "unshuffle": 2,
-                    "estimator_channels": 24, "estimator_depth": 5}
+                    "estimator_channels": 24, "estimator_depth": 5, "noise_scaled_residual": True}
         if self.arch == "drunet" and role == "denoiser":
             return {"arch": "drunet", "base_channels": self.base_channels, "blocks": 2, "noise_level_map": False, "residual": True}
         return {
@@ -282,7 +283,8 @@ def _run_stage(
     for step in range(start, steps):
         rng = np.random.default_rng([cfg.seed, rank, step, 1 if role == "denoiser" else 0])
         idx = sch.indices(step)
-        loss, parts = step_fn(idx, rng, wrapped)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+            loss, parts = step_fn(idx, rng, wrapped)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -334,6 +336,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
     """
     if cfg.stage not in STAGES:
         raise InputError(f"unknown stage {cfg.stage!r}; choose from {', '.join(STAGES)}")
+    if cfg.amp not in ("off", "bf16"):
+        raise InputError(f"unknown --amp {cfg.amp!r}; choose off or bf16")
     if cfg.loss not in ("fp", "mse"):
         raise InputError(f"unknown loss {cfg.loss!r}; choose fp or mse")
     if not cfg.data:

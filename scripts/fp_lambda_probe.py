@@ -1,0 +1,56 @@
+"""Size the FP term against the residual term for a trained denoiser (to choose lambda).
+
+    python scripts/fp_lambda_probe.py CKPT --data data/real/train
+
+Prints the mean residual loss and the mean relative FP error (the FP term before lambda, as in
+``FPDenoiseLib.losses.FPLoss``) of the checkpoint's denoiser on freshly noised clean patches, and
+the lambda at which the FP term would be 5 % / 20 % / 50 % of the residual term.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from FPDenoiseLib.checkpoint import load_checkpoint, model_from_checkpoint
+from FPDenoiseLib.losses import FPLoss
+from FPDenoiseLib.training import TrainConfig, _noise_fn, build_bank
+from FPDenoiseLib.xai import DEFAULT_READOUT, guided_backprop
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("ckpt")
+    ap.add_argument("--data", action="append", required=True)
+    ap.add_argument("--patches", type=int, default=256)
+    ap.add_argument("--readout", default=DEFAULT_READOUT)
+    args = ap.parse_args()
+    ck = load_checkpoint(args.ckpt)
+    D, f = model_from_checkpoint(ck, "denoiser"), model_from_checkpoint(ck, "restoration")
+    cfg = TrainConfig(data=args.data, bank_size=args.patches, patch_size=96, val_size=1)
+    bank, _, _ = build_bank(cfg)
+    clean = torch.from_numpy(bank)
+    gb_clean = torch.cat([guided_backprop(f, clean[i : i + 32], readout=args.readout) for i in range(0, len(clean), 32)])
+    scale = float(gb_clean.pow(2).mean())
+    noisy = torch.from_numpy(_noise_fn(["mix"], (0.0, 0.85))(bank, np.random.default_rng(123)))
+    loss = FPLoss(f, lam=1.0, gb_scale=scale, readout=args.readout)
+    res, fp, fp_in = [], [], []
+    for i in range(0, len(clean), 32):
+        sl = slice(i, i + 32)
+        with torch.no_grad():
+            den = D(noisy[sl])
+        _, parts = loss(den, noisy[sl], clean[sl], gb_clean[sl])
+        _, parts_in = loss(noisy[sl], noisy[sl], clean[sl], gb_clean[sl])
+        res.append(parts["residual"])
+        fp.append(parts["fp"])
+        fp_in.append(parts_in["fp"])
+    r, p = float(np.mean(res)), float(np.mean(fp))
+    print(f"readout={args.readout} residual={r:.3e} fp(denoised)={p:.3e} fp(noisy input)={np.mean(fp_in):.3e}")
+    for share in (0.05, 0.2, 0.5):
+        print(f"  lambda for FP = {share:.0%} of residual: {share * r / p:.2e}")
+
+
+if __name__ == "__main__":
+    main()
