@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, OutputError
+from ..errors import InputError, OutputError
 
 __all__ = [
     "Image",
