@@ -49,24 +49,6 @@ def _progress_cb(desc: str, lines: bool):
     return cb, bar.close
 
 
-def _saliency_paths(out: str, sal_dir: str, like: Path) -> tuple[Path, Path, Path]:
-    """Names for the input's and the output's saliency maps and the feature-change map, same format as ``out``."""
-    out_p = Path(out)
-    name = out_p.name
-    for ext in (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".png", ".tif", ".tiff", ".dcm"):
-        if name.lower().endswith(ext):
-            stem, suffix = name[: -len(ext)], ext
-            break
-    else:  # DICOM series folder
-        stem, suffix = name, ""
-    d = Path(sal_dir)
-    return (
-        d / f"{stem}_saliency_input{suffix}",
-        d / f"{stem}_saliency_denoised{suffix}",
-        d / f"{stem}_feature_change{suffix}",
-    )
-
-
 # ---------------------------------------------------------------- commands
 def cmd_noises(args: argparse.Namespace) -> int:
     from .noise import NOISE_NAMES
@@ -93,19 +75,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _saliency_targets(out: Path, sal_dir: str, fmt: str) -> tuple[Path, Path, Path]:
-    """Saliency and feature-change map paths: same format as ``out`` (``fmt="same"``) or NRRD files."""
-    paths = _saliency_paths(str(out), sal_dir, out)
-    if fmt == "nrrd":
-        paths = tuple(p.with_name(_strip_ext(p.name) + ".nrrd") for p in paths)
-    return paths
-
-
 def _strip_ext(name: str) -> str:
-    for ext in (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".png", ".tif", ".tiff", ".dcm"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
+    from .batch import strip_ext
+
+    return strip_ext(name)
 
 
 def _check_out_format(out: Path) -> None:
@@ -119,78 +92,32 @@ def _check_out_format(out: Path) -> None:
                          ".png, .tif, .dcm or a folder for a DICOM series)")
 
 
-def _denoise_one(den, img, output: Path, args: argparse.Namespace, desc_prog: str) -> list[Path]:
-    """Denoise one image; write saliency maps (if asked) first and the denoised image LAST, so the
-    existence of the (atomically renamed) denoised output means the item is complete."""
-    from .io import write_image
+def _progress_factory(args: argparse.Namespace):
+    return lambda desc: _progress_cb(desc, args.progress_lines)
+
+
+def _denoise_one(den, img, output: Path, args: argparse.Namespace, desc_prog: str):
+    """Denoise one image into ``output`` (maps first, the denoised image last): :func:`batch.denoise_item`."""
+    from .batch import denoise_item
 
     cb, close = _progress_cb(desc_prog, args.progress_lines)
     try:
-        res = den.run(img, saliency=bool(args.saliency_dir), progress=cb)
+        return denoise_item(den, img, output, saliency_dir=args.saliency_dir, saliency_format=args.saliency_format,
+                            progress=cb)
     finally:
         close()
-    written = []
-    if args.saliency_dir:
-        p_in, p_out, p_change = _saliency_targets(output, args.saliency_dir, args.saliency_format)
-        written.append(write_image(res.saliency_input, p_in, like=img, description=f"FPDenoise saliency input ({den.name})"))
-        written.append(write_image(res.saliency_output, p_out, like=img,
-                                   description=f"FPDenoise saliency denoised ({den.name})"))
-        written.append(write_image(res.feature_change, p_change, like=img,
-                                   description=f"FPDenoise feature change ({den.name})"))
-        print(f"{output.name}: feature-preservation score (corr. of GB maps, input vs denoised): {res.fp_score:.4f}",
-              file=sys.stderr)
-    written.append(write_image(res.denoised, output, like=img, description=f"FPDenoise denoised ({den.name})"))
-    return written
-
-
-def _safe_name(text: str, default: str) -> str:
-    import re
-
-    text = re.sub(r"[^A-Za-z0-9._+-]+", "-", text.strip()).strip("-._")
-    return text[:40] or default
 
 
 def series_output_name(info) -> str:
-    """Stable output folder name of a DICOM series: ``<PatientID>_<SeriesNumber>_<hash of UID>``.
+    """Stable output folder name of a DICOM series (see :func:`FPDenoiseLib.batch.series_output_name`)."""
+    from .batch import series_output_name as name
 
-    The hash (10 hex digits of SHA-1 of the SeriesInstanceUID) keeps names unique and identical
-    between runs, which is what makes batch mode resumable.
-    """
-    import hashlib
-
-    h = hashlib.sha1(info.uid.encode()).hexdigest()[:10]
-    return f"{_safe_name(info.patient_id, 'anon')}_{_safe_name(info.series_number, 'S')}_{h}"
-
-
-def _batch_items(root: Path, out_dir: Path, series_uid: str | None) -> list[tuple[str, Path, str | None, str]]:
-    """Every DICOM series (by SeriesInstanceUID) and volume/raster file below ``root``, outside
-    ``out_dir``: ``(label, read path, series uid or None, output name)``."""
-    from .io import RASTER_EXTENSIONS, VOLUME_EXTENSIONS, _suffix, find_images, find_series
-
-    def outside(p: Path) -> bool:
-        try:
-            p.resolve().relative_to(out_dir.resolve())
-        except ValueError:
-            return True
-        return False
-
-    items = []
-    for s in find_series(root):
-        if all(outside(f) for f in s.files) and (series_uid is None or s.uid == series_uid):
-            items.append((f"series {s.uid} ({s.n_files} file(s) in {s.folder})", s.folder, s.uid, series_output_name(s)))
-    if series_uid is not None:
-        return items
-    for p in find_images(root):
-        ext = _suffix(p)
-        if p.is_file() and ext in VOLUME_EXTENSIONS + RASTER_EXTENSIONS and outside(p):
-            rel = p.relative_to(root)
-            stem = "_".join((*rel.parts[:-1], rel.name[: len(rel.name) - len(ext)]))
-            items.append((str(p), p, None, _safe_name(stem, "image") + ext))
-    return items
+    return name(info)
 
 
 def cmd_denoise(args: argparse.Namespace) -> int:
     """Denoise one image / series, or every series and volume file of a folder (batch mode)."""
+    from .batch import MAP_ROLES, BatchSummary, discover
     from .errors import InputError
     from .inference import Denoiser
     from .io import read_image
@@ -198,12 +125,11 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     inp, out = Path(args.input), Path(args.output)
     _check_out(inp, out)
     _check_out_format(out)
+    one_series_to_file = inp.is_dir() and args.series is not None and _strip_ext(out.name) != out.name
     items = None
-    if inp.is_dir() and args.series is not None and _strip_ext(out.name) != out.name:
-        pass  # one chosen series into one file: single mode
-    elif inp.is_dir():
-        items = _batch_items(inp, out, args.series)
-        single_series = len(items) == 1 and items[0][2] is not None and args.series is None
+    if inp.is_dir() and not one_series_to_file:
+        items = discover(inp, out, args.series)
+        single_series = len(items) == 1 and items[0].series_uid is not None and args.series is None
         if args.series is not None and not items:
             raise InputError(f"{inp}: no DICOM series with SeriesInstanceUID {args.series}")
         if not items or single_series:
@@ -211,44 +137,29 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     if items is None:  # single input: output written at OUT itself (file or DICOM series folder)
         img = read_image(inp, series_uid=args.series)
         den = Denoiser(args.model, device=args.device, batch_size=args.batch_size, **_quality_kwargs(args))
-        for w in _denoise_one(den, img, out, args, "denoise"):
-            print(w)
+        result = _denoise_one(den, img, out, args, "denoise")
+        for role in (*MAP_ROLES, "denoised"):
+            if role in result.outputs:
+                print(result.outputs[role])
+        if args.summary_json:
+            BatchSummary(inp, [result], model=den.name, strength=den.strength).write_json(args.summary_json)
         return 0
     return _denoise_batch(inp, out, items, args)
 
 
 def _denoise_batch(inp: Path, out: Path, items: list, args: argparse.Namespace) -> int:
     """Batch/PACS mode: one output per item under ``out``; resumable; never stops at a bad item."""
+    from .batch import denoise_batch
     from .inference import Denoiser
-    from .io import read_image
 
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: batch mode writes one output per series into a folder, but this is a file")
     den = Denoiser(args.model, device=args.device, batch_size=args.batch_size, **_quality_kwargs(args))  # one load for all items
-    done, skipped, failed = [], [], []
-    for i, (label, path, uid, name) in enumerate(items, 1):
-        target = out / name
-        if target.exists() and (target.is_file() or any(target.iterdir())):
-            skipped.append(label)
-            print(f"[{i}/{len(items)}] skipped (output exists: {target}): {label}", file=sys.stderr)
-            continue
-        print(f"[{i}/{len(items)}] {label} -> {target}", file=sys.stderr)
-        try:
-            img = read_image(path, series_uid=uid)
-            for w in _denoise_one(den, img, target, args, name):
-                print(w)
-            done.append(label)
-        except KeyboardInterrupt:
-            raise
-        except Exception as err:  # one bad series must not stop the batch
-            reason = " ".join(str(err).split()) or type(err).__name__
-            failed.append((label, reason))
-            print(f"fpdenoise: failed: {label}: {reason}", file=sys.stderr)
-    print(f"fpdenoise: summary: {len(done)} done, {len(skipped)} skipped, {len(failed)} failed "
-          f"(of {len(items)} in {inp})", file=sys.stderr)
-    for label, reason in failed:
-        print(f"fpdenoise:   failed: {label}: {reason}", file=sys.stderr)
-    return 1 if failed else 0
+    summary = denoise_batch(den, items, out, input_root=inp, saliency_dir=args.saliency_dir,
+                            saliency_format=args.saliency_format, progress_factory=_progress_factory(args))
+    if args.summary_json:
+        summary.write_json(args.summary_json)
+    return summary.exit_code
 
 
 def cmd_saliency(args: argparse.Namespace) -> int:
@@ -431,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saliency-format", default="same", choices=["same", "nrrd"],
                    help="saliency maps in the output's format (a derived DICOM series for DICOM) or NRRD")
     p.add_argument("--series", default=None, metavar="UID", help="only the DICOM series with this SeriesInstanceUID")
+    p.add_argument("--summary-json", default=None, metavar="FILE",
+                   help="also write the per-item results (output paths, feature score, status) as JSON, last")
     _add_model(p)
     _add_quality(p)
     _add_device(p)
