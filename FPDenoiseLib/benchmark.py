@@ -214,15 +214,16 @@ def load_benchmark_images(
     ``max_images`` slices drawn at random with ``seed`` and kept in reading order), or a sequence of
     :class:`BenchImage` / :class:`FPDenoiseLib.data.Slice` objects. With ``protocol`` ("lidc",
     "rsna", "lits") the folder is a dataset in its distributed layout and the slices are the
-    *test* side of :func:`FPDenoiseLib.data.paper_protocol_slices` with the same
+    *test* side of :func:`FPDenoiseLib.protocols.paper_protocol_slices` with the same
     ``protocol_train`` / ``protocol_test`` / ``size`` / ``seed`` as the training run, so no
     test patient was seen in training.
     """
     from . import data as fdata
+    from .protocols import paper_protocol_slices
 
     if isinstance(data, (str, os.PathLike)):
         if protocol:
-            _train, slices = fdata.paper_protocol_slices(
+            _train, slices = paper_protocol_slices(
                 data, protocol, n_train=protocol_train, n_test=protocol_test, size=size, seed=seed, policy=policy
             )
             if max_images is not None:
@@ -267,17 +268,17 @@ def export_protocol(
 ) -> tuple[int, int]:
     """Write the paper protocol's slices as 2D NRRD files: ``out_dir/train`` and ``out_dir/test``.
 
-    The slices are :func:`FPDenoiseLib.data.paper_protocol_slices` (patient-level split, resized to
+    The slices are :func:`FPDenoiseLib.protocols.paper_protocol_slices` (patient-level split, resized to
     ``size``), stored in original units (HU for CT) with their modality, one file per slice named
     ``<patient>__<source>__z<slice>.nrrd``. ``fpdenoise train --data OUT/train
     --max-slices-per-volume 1`` then trains on the training side and ``fpdenoise benchmark --data
     OUT/test --max-images 0`` scores the test side: no patient is in both. Returns
     ``(n_train_written, n_test_written)``.
     """
-    from . import data as fdata
     from .io import Image, write_image
+    from .protocols import paper_protocol_slices
 
-    train, test = fdata.paper_protocol_slices(
+    train, test = paper_protocol_slices(
         dataset_dir, layout, n_train=n_train, n_test=n_test, size=size, seed=seed, policy=policy
     )
     counts = []

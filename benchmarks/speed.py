@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from FPDenoiseLib.baselines import BASELINES
-from FPDenoiseLib.data import synthetic_ct_slice
 from FPDenoiseLib.inference import Denoiser, default_model_path
 from FPDenoiseLib.losses import FPLoss
 from FPDenoiseLib.models import build_model
 from FPDenoiseLib.noise import add_noise
+from FPDenoiseLib.phantoms import synthetic_ct_slice
 from FPDenoiseLib.training import TrainConfig
 from FPDenoiseLib.xai import guided_backprop
 

@@ -6,7 +6,7 @@
 
 Contents (all generated offline, no download):
   * ``ct_<kind>_<i>.nrrd``   synthetic axial CT slices (head / chest / abdomen), int16 HU,
-                             gzip NRRD, 0.7 mm pixels (FPDenoiseLib.data.synthetic_ct_slice);
+                             gzip NRRD, 0.7 mm pixels (FPDenoiseLib.phantoms.synthetic_ct_slice);
   * ``xray_<i>.png``         synthetic PA chest radiographs, 16-bit PNG (synthetic_xray);
   * ``pydicom_*.dcm``        copies of pydicom's bundled CT_small.dcm / MR_small.dcm (real scans);
   * ``skimage_*.png``        a few scikit-image bundled grayscale photographs (natural texture).
@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image as PILImage
 
-from FPDenoiseLib.data import synthetic_ct_slice, synthetic_ct_volume, synthetic_xray
+from FPDenoiseLib.phantoms import synthetic_ct_slice, synthetic_ct_volume, synthetic_xray
 
 CT_KINDS = ("head", "chest", "abdomen")
 SKIMAGE = {  # name -> licence note from scikit-image's own docstrings (skimage.data.<name>)
@@ -180,7 +180,7 @@ def write_sample(path: Path, seed: int, args: argparse.Namespace) -> None:
     readme = f"""# Sample data
 
 `sample_ct.nrrd`: the demo input. A synthetic chest CT volume made by
-`FPDenoiseLib.data.synthetic_ct_volume("chest", n_slices=8, size=256, seed={seed})`, stored as
+`FPDenoiseLib.phantoms.synthetic_ct_volume("chest", n_slices=8, size=256, seed={seed})`, stored as
 int16 HU (gzip NRRD), 8 x 256 x 256 voxels (z, y, x), spacing 0.7 x 0.7 x 2.5 mm (x, y, z),
 origin {origin} mm (LPS), identity direction. Size {path.stat().st_size} bytes.
 
