@@ -34,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -63,13 +62,11 @@ __all__ = [
     "METHOD_ORDER",
     "PSNR_CAP_DB",
     "RESULT_FIELDS",
-    "add_benchmark_parser",
     "export_protocol",
     "make_noisy",
     "original_units",
     "read_results",
     "run_benchmark",
-    "run_benchmark_cli",
 ]
 
 #: Learned methods (checkpoints); everything else comes from BASELINES.
@@ -392,6 +389,60 @@ def run_benchmark(
         "feature", "speed", "ci"}`` where ``psnr[noise][method]`` is the mean PSNR (dB) etc.
     """
     t_start = time.perf_counter()
+    out, noises, levels = _validate(out, noises, levels)
+    learned, methods, run_methods, feature_net = _load_methods(model, baseline_models, methods, device)
+    policy = feature_net.policy if feature_net is not None else (
+        next(iter(learned.values())).policy if learned else None
+    )
+    images = load_benchmark_images(
+        data, max_images=max_images, seed=seed, policy=policy, protocol=protocol,
+        protocol_train=protocol_train, protocol_test=protocol_test, size=size,
+    )
+
+    csv_path = out / "results.csv"
+    rows: list[dict] = []
+    if resume and csv_path.is_file():
+        _check_resumable(out / "run.json", seed, {m: run_methods[m].info for m in methods})
+        rows = read_results(csv_path)
+    n_before = len(rows)
+    _warm_up(images, learned, run_methods, feature_net)
+    rows = _run_cases(rows, csv_path, images, noises, levels, methods, run_methods, feature_net, seed, progress)
+
+    summary = summarize(rows, methods=methods, noises=noises, levels=levels)
+    summary.update(out=str(out), n_rows=len(rows), n_new_rows=len(rows) - n_before)
+    _atomic_write_text(out / "summary.md", render_summary_md(summary, notes=_notes(feature_net, learned)))
+    if figures:
+        _figures(out, images, noises, levels[0], run_methods, feature_net, seed, rows, methods)
+    run_info = {
+        "fpdenoise_version": __version__,
+        "versions": _versions(),
+        "device": str(feature_net.device if feature_net is not None else (
+            next(iter(learned.values())).device if learned else "cpu")),
+        "seed": seed,
+        "data": str(data) if isinstance(data, (str, os.PathLike)) else "<in-memory slices>",
+        "protocol": protocol and {"layout": protocol, "n_train": protocol_train, "n_test": protocol_test, "size": size},
+        "images": [{"source": im.source, "slice_index": im.index, "modality": im.modality,
+                    "shape": list(im.clean.shape), "normalizer": im.normalizer.to_dict()} for im in images],
+        "noises": list(noises),
+        "levels": list(levels),
+        "methods": {m: run_methods[m].info for m in methods},
+        "baseline_params": dict(BASELINE_PARAMS),
+        "baseline_common_params": BASELINE_COMMON_PARAMS,
+        "feature_extractor": (str(feature_net.checkpoint_path) + " restoration net") if feature_net else None,
+        "psnr_cap_db": PSNR_CAP_DB,
+        "data_range": "max(clean) - min(clean) of each clean slice in original units",
+        "speed": "wall seconds per slice (batch 1), scaled linearly to 512x512 pixels",
+        "resumed_rows": n_before,
+        "new_rows": len(rows) - n_before,
+        "total_seconds": time.perf_counter() - t_start,
+    }
+    _atomic_write_text(out / "run.json", json.dumps(run_info, indent=2, default=str) + "\n")
+    summary["total_seconds"] = run_info["total_seconds"]
+    return summary
+
+
+def _validate(out: str | os.PathLike, noises: Sequence[str], levels: Sequence[float]) -> tuple[Path, tuple, tuple]:
+    """The output folder (created), the noise names and the severities, checked."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -408,11 +459,21 @@ def run_benchmark(
     levels = tuple(float(v) for v in levels)
     if not levels or any(not (0.0 <= v <= 1.0) for v in levels):
         raise InputError(f"levels: need one or more severities in [0, 1], got {levels}")
-    known = set(LEARNED_METHODS) | set(BASELINES) | {"noisy"}
+    return out, noises, levels
 
-    # ---- learned models
+
+def _load_methods(
+    model: str | os.PathLike | None, baseline_models: Sequence[str], methods: Sequence[str] | None, device: str,
+) -> tuple[dict[str, Any], list[str], dict[str, _Method], Any]:
+    """Load the checkpoints and resolve the method list.
+
+    Returns ``(learned, methods, run_methods, feature_net)``: the loaded denoisers by name, the methods
+    in table order, a runner per method, and the network whose restoration net scores features for
+    every method (ours; None without one).
+    """
     from .inference import Denoiser, default_model_path
 
+    known = set(LEARNED_METHODS) | set(BASELINES) | {"noisy"}
     learned: dict[str, Any] = {}
     ours_path = Path(model) if model else default_model_path()
     want_ours = methods is None or "ours" in methods
@@ -447,36 +508,31 @@ def run_benchmark(
             run_methods[m] = _learned_method(m, learned[m])
         else:
             run_methods[m] = _classical_method(m)
+    return learned, methods, run_methods, feature_net
 
-    policy = feature_net.policy if feature_net is not None else (
-        next(iter(learned.values())).policy if learned else None
-    )
-    images = load_benchmark_images(
-        data, max_images=max_images, seed=seed, policy=policy, protocol=protocol,
-        protocol_train=protocol_train, protocol_test=protocol_test, size=size,
-    )
 
-    # ---- resume
-    csv_path = out / "results.csv"
-    rows: list[dict] = []
-    if resume and csv_path.is_file():
-        _check_resumable(out / "run.json", seed, {m: run_methods[m].info for m in methods})
-        rows = read_results(csv_path)
-    done = {_row_key(r) for r in rows}
-    n_before = len(rows)
+def _warm_up(images: list[BenchImage], learned: dict[str, Any], run_methods: dict[str, _Method],
+             feature_net: Any) -> None:
+    """The first forward of a network pays for allocations / kernel selection: keep it out of the timings."""
+    if not images:
+        return
+    probe = images[0].clean
+    for name, den in learned.items():
+        if name in run_methods:
+            den.denoise_normalized(probe)
+    if feature_net is not None:
+        _gb_signed(feature_net, probe[None])
 
-    # Warm-up: the first forward of a network pays for allocations / kernel selection; keep it out
-    # of the timings.
-    if images:
-        probe = images[0].clean
-        for name, den in learned.items():
-            if name in run_methods:
-                den.denoise_normalized(probe)
-        if feature_net is not None:
-            _gb_signed(feature_net, probe[None])
 
+def _run_cases(
+    rows: list[dict], csv_path: Path, images: list[BenchImage], noises: Sequence[str], levels: Sequence[float],
+    methods: Sequence[str], run_methods: dict[str, _Method], feature_net: Any, seed: int, progress: bool,
+) -> list[dict]:
+    """Every (image, noise, level) case not yet in ``rows``; ``results.csv`` is rewritten every 5 s and at
+    the end (also when interrupted). Returns all rows."""
     from tqdm import tqdm
 
+    done = {_row_key(r) for r in rows}
     groups = [(i, im, nz, lv) for i, im in enumerate(images) for nz in noises for lv in levels]
     last_flush = time.monotonic()
     bar = tqdm(total=len(groups), desc="benchmark", unit="case", disable=not progress, file=sys.stderr)
@@ -493,39 +549,7 @@ def run_benchmark(
     finally:
         bar.close()
         _write_results(csv_path, rows)
-
-    summary = summarize(rows, methods=methods, noises=noises, levels=levels)
-    summary.update(out=str(out), n_rows=len(rows), n_new_rows=len(rows) - n_before)
-    notes = _notes(feature_net, learned)
-    _atomic_write_text(out / "summary.md", render_summary_md(summary, notes=notes))
-    if figures:
-        _figures(out, images, noises, levels[0], run_methods, feature_net, seed, rows, methods)
-    run_info = {
-        "fpdenoise_version": __version__,
-        "versions": _versions(),
-        "device": str(feature_net.device if feature_net is not None else (
-            next(iter(learned.values())).device if learned else "cpu")),
-        "seed": seed,
-        "data": str(data) if isinstance(data, (str, os.PathLike)) else "<in-memory slices>",
-        "protocol": protocol and {"layout": protocol, "n_train": protocol_train, "n_test": protocol_test, "size": size},
-        "images": [{"source": im.source, "slice_index": im.index, "modality": im.modality,
-                    "shape": list(im.clean.shape), "normalizer": im.normalizer.to_dict()} for im in images],
-        "noises": list(noises),
-        "levels": list(levels),
-        "methods": {m: run_methods[m].info for m in methods},
-        "baseline_params": dict(BASELINE_PARAMS),
-        "baseline_common_params": BASELINE_COMMON_PARAMS,
-        "feature_extractor": (str(feature_net.checkpoint_path) + " restoration net") if feature_net else None,
-        "psnr_cap_db": PSNR_CAP_DB,
-        "data_range": "max(clean) - min(clean) of each clean slice in original units",
-        "speed": "wall seconds per slice (batch 1), scaled linearly to 512x512 pixels",
-        "resumed_rows": n_before,
-        "new_rows": len(rows) - n_before,
-        "total_seconds": time.perf_counter() - t_start,
-    }
-    _atomic_write_text(out / "run.json", json.dumps(run_info, indent=2, default=str) + "\n")
-    summary["total_seconds"] = run_info["total_seconds"]
-    return summary
+    return rows
 
 
 def _check_resumable(run_json: Path, seed: int, method_info: dict) -> None:
@@ -766,13 +790,12 @@ def _figures(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    from .display import feature_change, saliency_window
-    from .figures import draw_map
+    from .display import feature_change, gray_range, saliency_window
+    from .figures import save_panel
 
     im = images[0]
-    vmin, vmax = float(np.percentile(im.clean, 0.5)), float(np.percentile(im.clean, 99.5))
+    vmin, vmax = gray_range(im.clean)
     for nz in noises:
         noisy = make_noisy(im, nz, level, seed)
         panels: list[tuple[str, np.ndarray, str]] = [("Clean", im.clean, "gray"), ("Noisy", noisy, "gray")]
@@ -791,22 +814,9 @@ def _figures(
                 panels.append((f"change vs clean\n{_LABELS[den_m]}", feature_change(g_den, g_clean), "change"))
         gb_maps = [arr for _, arr, cmap in panels if cmap == "inferno"]
         window = saliency_window(*gb_maps) if gb_maps else None  # one scale for all GB panels
-        fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.9))
-        for ax, (title, arr, cmap) in zip(np.atleast_1d(axes), panels):
-            if cmap == "gray":
-                ax.imshow(arr, cmap=cmap, vmin=vmin, vmax=vmax)
-            else:
-                mappable = draw_map(ax, arr, window if cmap == "inferno" else None)
-                bar = fig.colorbar(mappable, ax=ax, orientation="horizontal", fraction=0.05, pad=0.02)
-                bar.ax.tick_params(labelsize=5)
-                bar.locator = MaxNLocator(3)
-                bar.update_ticks()
-            ax.set_title(title, fontsize=8)
-            ax.axis("off")
-        fig.suptitle(f"{nz} (level {_fmt_level(level)}) - {Path(im.source).name} slice {im.index}", fontsize=9)
-        fig.tight_layout()
-        _save_fig(fig, out / f"fig_{nz}.png")
-        plt.close(fig)
+        save_panel([(t, a, c, window) if c == "inferno" else (t, a, c) for t, a, c in panels], out / f"fig_{nz}.png",
+                   title=f"{nz} (level {_fmt_level(level)}) - {Path(im.source).name} slice {im.index}",
+                   shared_range=(vmin, vmax))
     # PSNR per method over all rows (inf capped)
     data = [_finite((r["psnr_db"] for r in rows if r["method"] == m), PSNR_CAP_DB) for m in methods]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(methods)), 3.5))
@@ -821,65 +831,3 @@ def _figures(
 
 def _save_fig(fig: Any, path: Path) -> None:
     _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def add_benchmark_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``benchmark`` subcommand to an argparse ``subparsers`` object; returns its parser."""
-    p = subparsers.add_parser(
-        "benchmark",
-        help="compare ours / MSE-only / DRUNet / classical filters on 13 noise types",
-        description="Paper-comparison benchmark: PSNR, SSIM, feature-preservation score and speed of every "
-        "method on the same noisy inputs; writes results.csv, summary.md, figures and run.json to --out.",
-    )
-    p.add_argument("--data", required=True, help="folder of clean images/volumes (or a dataset with --protocol)")
-    p.add_argument("--out", required=True, help="output folder (with --export-protocol: where train/ and test/ go)")
-    p.add_argument("--model", default=None, help="checkpoint of ours (default: the shipped model)")
-    p.add_argument("--baseline-model", action="append", default=[], metavar="[NAME=]CKPT",
-                   help="learned baseline checkpoint, e.g. mse_only=mse.pt or drunet=drunet.pt (repeatable)")
-    p.add_argument("--noises", nargs="+", default=list(NOISE_NAMES), metavar="NOISE",
-                   help=f"noise types (default all 13: {' '.join(NOISE_NAMES)})")
-    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                   help="methods (default: ours, given baseline models, " + ", ".join(BASELINES) + ", noisy)")
-    p.add_argument("--levels", nargs="+", type=float, default=[DEFAULT_LEVEL], metavar="LEVEL",
-                   help=f"noise severities in [0, 1] (default {DEFAULT_LEVEL})")
-    p.add_argument("--max-images", type=int, default=20, help="number of clean test slices (default 20; 0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the slice draw and the noise (default 0)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (networks only)")
-    p.add_argument("--resume", action="store_true", help="skip rows already in OUT/results.csv")
-    p.add_argument("--no-figures", action="store_true", help="do not write PNG figures")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--protocol", choices=("lidc", "rsna", "lits"), default=None,
-                   help="--data is a LIDC-IDRI / RSNA Pneumonia / LiTS folder: use the paper's patient-split test slices")
-    p.add_argument("--protocol-train", type=int, default=5000, help="protocol: training slices drawn (default 5000)")
-    p.add_argument("--protocol-test", type=int, default=500, help="protocol: test slices drawn (default 500)")
-    p.add_argument("--size", type=int, default=256, help="protocol: slices resized to SIZE x SIZE (default 256)")
-    p.add_argument("--export-protocol", action="store_true",
-                   help="with --protocol: only write the split as NRRD slices to OUT/train and OUT/test (for train) and exit")
-    p.set_defaults(func=run_benchmark_cli)
-    return p
-
-
-def run_benchmark_cli(args: argparse.Namespace) -> int:
-    """Run ``fpdenoise benchmark`` from parsed arguments; prints the summary table. Returns 0."""
-    if args.export_protocol:
-        if not args.protocol:
-            raise InputError("--export-protocol needs --protocol lidc|rsna|lits")
-        n_tr, n_te = export_protocol(args.data, args.protocol, args.out, n_train=args.protocol_train,
-                                     n_test=args.protocol_test, size=args.size, seed=args.seed)
-        print(f"wrote {n_tr} training slices to {Path(args.out) / 'train'} and {n_te} test slices to "
-              f"{Path(args.out) / 'test'}")
-        return 0
-    summary = run_benchmark(
-        args.data, args.out, model=args.model, baseline_models=args.baseline_model, noises=args.noises,
-        methods=args.methods, levels=args.levels, max_images=(args.max_images or None), seed=args.seed,
-        device=args.device, resume=args.resume, progress=not args.no_progress, figures=not args.no_figures,
-        protocol=args.protocol, protocol_train=args.protocol_train, protocol_test=args.protocol_test, size=args.size,
-    )
-    out = Path(summary["out"])
-    print((out / "summary.md").read_text())
-    print(f"{summary['n_rows']} rows ({summary['n_new_rows']} new) in {out / 'results.csv'}; "
-          f"{summary['total_seconds']:.1f} s")
-    return 0

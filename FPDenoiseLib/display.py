@@ -48,6 +48,8 @@ UPPER_PERCENTILE = 99.5
 DISPLAY_GAMMA = 0.5
 #: Percentiles are estimated on at most this many values (a strided subsample of large volumes).
 _MAX_SAMPLES = 2_000_000
+#: Percentiles of a grey image shown black and white in PNG panels (a few outliers do not set the range).
+GRAY_PERCENTILES = (0.5, 99.5)
 #: One-line meaning of the feature score shown next to it (Slicer panel, browser, PNG panel).
 FEATURE_SCORE_MEANING = "1.0 = every feature kept"
 
@@ -64,6 +66,12 @@ class DisplayWindow:
         """``values`` mapped to 0..1 on the ramp (gamma applied), float32."""
         v = (np.asarray(values, dtype=np.float32) - self.lo) / np.float32(self.hi - self.lo)
         return np.clip(v, 0.0, 1.0) ** np.float32(self.gamma)
+
+
+def gray_range(image: np.ndarray) -> tuple[float, float]:
+    """``(black, white)`` levels of a grey image in PNG panels: its :data:`GRAY_PERCENTILES`."""
+    a = np.asarray(image)
+    return float(np.percentile(a, GRAY_PERCENTILES[0])), float(np.percentile(a, GRAY_PERCENTILES[1]))
 
 
 def _sample(maps: tuple[np.ndarray, ...]) -> np.ndarray:

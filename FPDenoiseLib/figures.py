@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .display import DisplayWindow, colour_table, render_rgba, saliency_window
+from .display import DisplayWindow, colour_table, gray_range, render_rgba, saliency_window
 from .io import atomic_path
 
 
@@ -34,8 +34,8 @@ def draw_map(ax: Any, values: np.ndarray, window: DisplayWindow | None = None, *
     window = window or saliency_window(v)
     if background is not None:
         b = np.asarray(background, dtype=np.float32)
-        ax.imshow(b, cmap="gray", vmin=float(np.percentile(b, 0.5)), vmax=float(np.percentile(b, 99.5)),
-                  interpolation="nearest")
+        lo, hi = gray_range(b)
+        ax.imshow(b, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
     else:
         ax.set_facecolor("black")
         ax.imshow(np.zeros(v.shape), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -76,10 +76,7 @@ def save_panel(
         name, arr = item[0], np.asarray(item[1], dtype=np.float32)
         cmap = item[2] if len(item) > 2 else "gray"
         if cmap == "gray":
-            if shared_range:
-                vmin, vmax = shared_range
-            else:
-                vmin, vmax = float(np.percentile(arr, 0.5)), float(np.percentile(arr, 99.5))
+            vmin, vmax = shared_range or gray_range(arr)
             ax.imshow(arr, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
         else:
             mappable = draw_map(ax, arr, item[3] if len(item) > 3 else None)
