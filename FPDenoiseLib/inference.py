@@ -29,7 +29,7 @@ from .intensity import DEFAULT_POLICY, Normalizer, cast_like
 from .models import ResUNet
 from .xai import DEFAULT_READOUT, guided_backprop, saliency_for_display
 
-Progress = Callable[[int, int], None]
+ProgressCallback = Callable[[int, int], None]  # progress(done, total)
 DEFAULT_MODEL_NAME = "fpdenoise_default.pt"
 # Pixel budget per batch: bounds activation memory independent of slice size (~1.5 GB on CPU
 # for the default U-Net at 2M pixels).
@@ -195,10 +195,6 @@ class Denoiser:
         """Denoise an image already in the normalised range (2D or a stack of slices), float32."""
         return self._map_stack(x, self._forward)
 
-    def saliency_normalized(self, x: np.ndarray) -> np.ndarray:
-        """|GB| of the restoration net for an image in the normalised range, float32."""
-        return self._map_stack(x, self._gb)
-
     def feature_change_normalized(self, output: np.ndarray, reference: np.ndarray) -> np.ndarray:
         """``|GB(output) - GB(reference)|`` (signed maps subtracted) for images in the normalised range."""
         from .display import feature_change
@@ -216,7 +212,7 @@ class Denoiser:
         modality: str | None = None,
         saliency: bool = True,
         denoise: bool = True,
-        progress: Progress | None = None,
+        progress: ProgressCallback | None = None,
         feature_change: bool = False,
     ) -> tuple[np.ndarray | None, ...]:
         """One streaming pass: ``(denoised, |GB(input)|, |GB(denoised)|)`` (None where not asked).
@@ -273,15 +269,15 @@ class Denoiser:
         norm = self.normalizer(ref, modality)
         return self.feature_change_normalized(norm.forward(out), norm.forward(ref))
 
-    def denoise_array(self, array: np.ndarray, *, modality: str | None = None, progress: Progress | None = None) -> np.ndarray:
+    def denoise_array(self, array: np.ndarray, *, modality: str | None = None, progress: ProgressCallback | None = None) -> np.ndarray:
         """Denoise ``array`` (2D or ``(z, y, x)``) in its own units; returns a new array, same dtype."""
         return self.process(array, modality=modality, saliency=False, progress=progress)[0]
 
-    def saliency_array(self, array: np.ndarray, *, modality: str | None = None, progress: Progress | None = None) -> np.ndarray:
+    def saliency_array(self, array: np.ndarray, *, modality: str | None = None, progress: ProgressCallback | None = None) -> np.ndarray:
         """|Guided Backprop| of the restoration net for ``array`` (float32, same shape)."""
         return self.process(array, modality=modality, saliency=True, denoise=False, progress=progress)[1]
 
-    def run(self, image, *, saliency: bool = True, progress: Progress | None = None) -> DenoiseResult:
+    def run(self, image, *, saliency: bool = True, progress: ProgressCallback | None = None) -> DenoiseResult:
         """Denoise an :class:`~FPDenoiseLib.io.Image`; outputs keep its geometry and units."""
         from .metrics import feature_preservation
 

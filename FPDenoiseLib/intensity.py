@@ -68,10 +68,6 @@ class Normalizer:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> Normalizer:
-        return cls(kind=str(d["kind"]), lo=float(d["lo"]), hi=float(d["hi"]))
-
-    @classmethod
     def for_array(cls, a: np.ndarray, *, modality: str | None = None, policy: dict | None = None) -> Normalizer:
         """Choose the normaliser for ``a``: HU window for CT, percentiles otherwise.
 
