@@ -7,7 +7,6 @@ it) + Test (Slicer self-test on the bundled sample). All math is in ``FPDenoiseL
 
 from __future__ import annotations
 
-import logging
 import os
 import unittest
 from typing import Annotated
@@ -17,7 +16,7 @@ import qt
 import slicer
 import vtk
 from FPDenoiseSlicerLib.jobs import JobManager
-from FPDenoiseSlicerLib.logic import FPDenoiseMRMLLogic, missingDependencies
+from FPDenoiseSlicerLib.logic import DEVICE_CHOICES, FPDenoiseMRMLLogic, missingDependencies
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -80,7 +79,7 @@ class FPDenoiseParameterNode:
     featureChange: vtkMRMLScalarVolumeNode
     referenceVolume: vtkMRMLScalarVolumeNode
     modelPath: str = ""  # empty: the shipped default model
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"  # auto = CUDA > MPS > CPU
     computeSaliency: bool = True
     strength: Annotated[float, WithinRange(0.0, 2.0)] = 1.0  # 0 = input unchanged, 1 = as trained
     rightOverlay: Annotated[str, Choice(["feature change", "saliency"])] = "feature change"
@@ -109,6 +108,7 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None  # jobs.ModuleJob while denoising/training
         self._jobKind = ""
+        self._foreground = False  # an in-process denoise is running (Apply/Train off until it returns)
         self.jobs = None  # JobManager: cancels jobs on scene close, drops results whose volume is gone
         self.logBox = None
         self._timer = None
@@ -231,60 +231,42 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     widget.currentPath = value
                     widget.blockSignals(wasBlocked)
             self.ui.modelLabel.text = p.modelPath or "shipped default model"
-        busy = self._job is not None
-        hasInput = bool(p and p.inputVolume)
-        self.ui.applyButton.enabled = hasInput and (not busy or self._jobKind == "denoise")
-        self.ui.applyButton.text = "Cancel" if busy and self._jobKind == "denoise" else "Apply"
-        self.ui.trainButton.enabled = not busy or self._jobKind == "train"
-        self.ui.trainButton.text = "Cancel training" if busy and self._jobKind == "train" else "Train"
-        self.ui.simulateButton.enabled = hasInput and not busy
-        self.ui.metricsButton.enabled = bool(p and p.referenceVolume and p.outputVolume)
-        self.ui.sideBySideButton.enabled = bool(p and p.inputVolume and p.outputVolume)
+        running = "foreground" if self._foreground else (self._jobKind if self._job is not None else "")
+        states = self.logic.actionStates(
+            running,
+            hasInput=bool(p and p.inputVolume),
+            hasReference=bool(p and p.referenceVolume),
+            hasOutput=bool(p and p.outputVolume),
+        )
+        for name, (enabled, text) in states.items():
+            button = getattr(self.ui, name + "Button")
+            button.enabled = enabled
+            if text is not None:
+                button.text = text
 
     # ---- dependencies and device
     def ensureDependencies(self) -> bool:
-        """On first use: if torch or other library dependencies are missing, ask, then install."""
+        """On first use: install missing or too old Python packages, with consent (the Logic decides what)."""
         if self._dependenciesChecked:
             return True
-        missing = missingDependencies()
-        if missing:
-            names = ", ".join(req for _, req in missing)
-            if not slicer.util.confirmOkCancelDisplay(
-                f"FPDenoise needs these Python packages, which are not installed: {names}.\n\n"
-                "Install them now? (This downloads packages, may take several minutes, "
-                "and Slicer may need a restart afterwards.)",
-                windowTitle="FPDenoise: install dependencies",
-            ):
-                return False
-            with slicer.util.tryWithErrorDisplay("Failed to install FPDenoise dependencies.", waitCursor=True):
-                if any(mod == "torch" for mod, _ in missing):
-                    self._installTorch()
-                others = [req for mod, req in missing if mod != "torch"]
-                if others:
-                    slicer.util.pip_install(others)
-            if missingDependencies():
-                slicer.util.errorDisplay("Some dependencies are still missing; please restart Slicer and try again.")
-                return False
-        self._dependenciesChecked = True
-        return True
-
-    @staticmethod
-    def _installTorch() -> None:
-        # The PyTorch extension's installer picks the torch build matching the GPU driver (CUDA/CPU).
-        try:
-            import PyTorchUtils
-
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                torchLogic.installTorch(askConfirmation=False)
-            return
-        except ImportError:
-            logging.info("PyTorch extension not found; installing torch with pip")
-        slicer.util.pip_install("torch")
+        unmet = []
+        with slicer.util.tryWithErrorDisplay("Failed to install FPDenoise dependencies.", waitCursor=True):
+            unmet = self.logic.setupPythonRequirements(
+                lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle="FPDenoise: install dependencies")
+            )
+            self._dependenciesChecked = not unmet
+        if unmet:
+            slicer.util.errorDisplay(
+                "FPDenoise cannot run yet:\n" + "\n".join(s.problem for s in unmet)
+                + "\n\nIf packages were just installed, restart Slicer."
+            )
+        return self._dependenciesChecked
 
     def _checkDevice(self) -> bool:
         ok, message = self.logic.checkDevice(self._parameterNode.device, self._parameterNode.inputVolume)
-        self.ui.statusLabel.text = message
+        self.ui.statusLabel.text = message  # e.g. "No CUDA GPU found: ... may take minutes"
+        if self.logBox is not None:
+            self.logBox.appendPlainText(message)
         if not ok:
             slicer.util.errorDisplay(message, windowTitle="FPDenoise: device")
         return ok
@@ -294,16 +276,26 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- denoise
     def onApplyButton(self) -> None:
+        if self._foreground:
+            return
         if self._job is not None:
             self._cancelJob()
             return
         if not self.ensureDependencies() or not self._checkDevice():
             return
         p = self._parameterNode
+        # Apply overwrites the selected result nodes (the Logic refuses ones made from another volume).
+        nodes = {
+            "outputVolumeNode": p.outputVolume,
+            "inputSaliencyNode": p.inputSaliency,
+            "outputSaliencyNode": p.outputSaliency,
+            "featureChangeNode": p.featureChange,
+        }
         with slicer.util.tryWithErrorDisplay("Denoising failed.", waitCursor=True):
             if p.runInBackground:
                 job = self.jobs.startDenoise(
                     p.inputVolume,
+                    resultNodes=nodes,
                     modelPath=self._modelPath(),
                     device=p.device,
                     computeSaliency=p.computeSaliency,
@@ -311,15 +303,23 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 )
                 self._startJob(job)
             else:
-                self._showProgress(0, 1, "denoising")
-                result = self.logic.denoise(
-                    p.inputVolume,
-                    self._modelPath(),
-                    device=p.device,
-                    computeSaliency=p.computeSaliency,
-                    progress=lambda d, t: self._showProgress(d, t, "denoising", processEvents=True),
-                    strength=p.strength,
-                )
+                self._foreground = True  # processEvents below: no second Apply / Train meanwhile
+                self._updateButtons()
+                try:
+                    self._showProgress(0, 1, "denoising")
+                    result = self.logic.denoise(
+                        p.inputVolume,
+                        self._modelPath(),
+                        device=p.device,
+                        computeSaliency=p.computeSaliency,
+                        progress=lambda d, t: self._showProgress(d, t, "denoising", processEvents=True),
+                        strength=p.strength,
+                        **nodes,
+                    )
+                finally:
+                    self._foreground = False
+                    self.ui.progressBar.setVisible(False)
+                    self._updateButtons()
                 self._onDenoiseResult(result)
 
     def _onDenoiseResult(self, result: dict) -> None:
@@ -378,6 +378,8 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- training
     def onTrainButton(self) -> None:
+        if self._foreground:
+            return
         if self._job is not None:
             self._cancelJob()
             return
@@ -498,8 +500,8 @@ class FPDenoiseTest(ScriptedLoadableModuleTest):
         if not missing:
             return ""
         return (
-            "FPDenoise self-test skipped: Python packages not installed: "
-            + ", ".join(req for _, req in missing)
+            "FPDenoise self-test skipped: Python packages missing or too old: "
+            + "; ".join(s.problem for s in missing)
             + " (open the module once to install them)."
         )
 

@@ -119,7 +119,7 @@ class ViewerSession:
     """One viewer: a Slicer app (scene, application logic, view manager), the module's Logic, two views.
 
     ``data_root``: only files below it can be opened (besides the bundled sample). ``output_dir``: the
-    only folder written to (saved outputs and the background worker's scratch folder).
+    only folder written to (saved outputs and the background denoise's scratch folder).
     ``view_factory``: a trame-slicer view factory to register (the web app registers its remote
     views); ``offscreen_views=True`` registers a serverless ``DirectViewFactory`` (tests, scripts).
     """
@@ -290,7 +290,7 @@ class ViewerSession:
         return self._job is not None and self.status.state == "running"
 
     def poll_denoise(self) -> DenoiseStatus:
-        """Read the worker's progress; when it ends, load the results and show them. Never blocks long."""
+        """Read the background denoise's progress (the library CLI); when it ends, load the results and show them. Never blocks long."""
         job = self._job
         if job is None or self.status.state != "running":
             return self.status
@@ -303,7 +303,7 @@ class ViewerSession:
         self._job = None
         try:
             if code != 0:
-                self.status = DenoiseStatus("error", 0.0, job.error_summary(2) or f"worker exit code {code}")
+                self.status = DenoiseStatus("error", 0.0, job.error_summary(2) or f"denoise exit code {code}")
                 return self.status
             self._show_result(self.logic.loadBackgroundDenoiseResults(self.input_node, self._work))
             self.status = DenoiseStatus("done", 1.0, "done")

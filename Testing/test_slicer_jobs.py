@@ -142,3 +142,23 @@ def test_close_cancels_everything(scene, checkpoint):
     jobs.close()
     assert job.process.cancelled and not job.workDir.exists() and jobs.jobs == []
     assert jobs._observed == []
+
+
+def test_each_background_apply_reuses_the_result_nodes(scene, checkpoint):
+    """Apply twice in the background with the panel's selection: the second result overwrites the first
+    (same node IDs, no new nodes), under the input's study in the subject hierarchy."""
+    jobs = JobManager(FPDenoiseMRMLLogic())
+    a = _patient("A", 0)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient A"), "Study")
+    sh.CreateItem(study, a)
+    first = _wait(jobs, jobs.startDenoise(a, modelPath=checkpoint, device="cpu"))
+    assert first.status == "done", first.message
+    nodes = {k: v for k, v in first.result.items() if k.endswith("Node")}
+    count = scene.GetNumberOfNodes()
+    second = _wait(jobs, jobs.startDenoise(a, resultNodes=nodes, modelPath=checkpoint, device="cpu", strength=0.5))
+    assert second.status == "done", second.message
+    assert {k: second.result[k].GetID() for k in nodes} == {k: n.GetID() for k, n in nodes.items()}
+    assert scene.GetNumberOfNodes() == count
+    assert second.result["outputVolumeNode"].GetAttribute("FPDenoise.Strength") == "0.5"
+    assert all(sh.GetItemParent(sh.GetItemByDataNode(n)) == study for n in second.result.values() if hasattr(n, "GetID"))

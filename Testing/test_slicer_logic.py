@@ -207,7 +207,7 @@ def test_inferno_colour_node_bare_scene_and_slicer_inferno(logic):
     np.testing.assert_allclose(g1, colour_table(1.0), atol=1e-6)
 
 
-def test_strength_passes_through_logic_and_worker(logic, ct, checkpoint, tmp_path):
+def test_strength_passes_through_logic_and_cli(logic, ct, checkpoint, tmp_path):
     cmd = logic.denoiseCommand(tmp_path / "in.nrrd", tmp_path / "w", strength=0.5)
     assert cmd[cmd.index("--strength") + 1] == "0.5"
     # Strength 0 returns the input exactly: no feature change, and the change overlay hides all of it.
@@ -220,7 +220,7 @@ def test_strength_passes_through_logic_and_worker(logic, ct, checkpoint, tmp_pat
     assert res["fpScore"] == pytest.approx(1.0)
     with pytest.raises(InputError, match="strength"):
         logic.denoise(ct, checkpoint, device="cpu", strength=5.0)
-    # The background worker gets --strength and records it.
+    # The background CLI gets --strength and records it.
     cmd, work = logic.prepareBackgroundDenoise(
         ct, tmp_path / "work", modelPath=checkpoint, device="cpu", strength=0.0, computeSaliency=False
     )
@@ -294,22 +294,37 @@ def test_batch_example_on_a_folder(tmp_path, checkpoint):
     spec.loader.exec_module(example)
     assert example.main([str(inp), str(out), "--model", str(checkpoint), "--device", "cpu"]) == 0
 
-    expected = {"a", "sub_b"}
-    names = sorted(p.name for p in out.iterdir())
-    suffixes = ("_denoised.nrrd", "_saliency.nrrd", "_denoised_saliency.nrrd", "_feature_change.nrrd")
-    assert names == sorted(f"{n}{suffix}" for n in expected for suffix in suffixes)
+    # The library's batch driver names the outputs (same as `fpdenoise denoise IN OUT`): one per input,
+    # the maps in OUT/saliency.
+    assert sorted(p.name for p in out.iterdir()) == ["a.nrrd", "saliency", "sub_b.nrrd"]
+    roles = ("_saliency_input.nrrd", "_saliency_denoised.nrrd", "_feature_change.nrrd")
+    assert sorted(p.name for p in (out / "saliency").iterdir()) == sorted(f"{n}{r}" for n in ("a", "sub_b") for r in roles)
     for src, base in ((inp / "a.nrrd", "a"), (inp / "sub" / "b.nrrd", "sub_b")):
         ref = sitk.ReadImage(str(src))
-        for suffix in ("_denoised.nrrd", "_saliency.nrrd", "_feature_change.nrrd"):
-            got = sitk.ReadImage(str(out / f"{base}{suffix}"))
+        for path in (out / f"{base}.nrrd", out / "saliency" / f"{base}_saliency_input.nrrd",
+                     out / "saliency" / f"{base}_feature_change.nrrd"):
+            got = sitk.ReadImage(str(path))
             np.testing.assert_allclose(got.GetSpacing(), ref.GetSpacing(), atol=1e-9)
             np.testing.assert_allclose(got.GetOrigin(), ref.GetOrigin(), atol=1e-9)
             np.testing.assert_allclose(got.GetDirection(), ref.GetDirection(), atol=1e-9)
             assert got.GetSize() == ref.GetSize()
-        den = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{base}_denoised.nrrd")))
+        den = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{base}.nrrd")))
         assert den.dtype == np.int16 and abs(float(den.min()) + 1000) < 200
-    # The batch leaves no nodes behind (scene cleared per input), so big folders do not pile up memory.
+    # No MRML round trip: no volume node was made.
     assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+    # One path: the CLI's batch mode writes the same files with the same voxels.
+    from FPDenoiseLib.cli import main as cli_main
+
+    cli_out = tmp_path / "cli"
+    assert cli_main(["denoise", str(inp), str(cli_out), "--model", str(checkpoint), "--device", "cpu",
+                     "--saliency-dir", str(cli_out / "saliency")]) == 0
+    for path in [*out.glob("*.nrrd"), *(out / "saliency").iterdir()]:
+        mine = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(cli_out / path.relative_to(out))))
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    # Resume: a second run skips what is there.
+    summary = FPDenoiseMRMLLogic().batchDenoiseFolder(inp, out, checkpoint, device="cpu", log_=None)
+    assert (len(summary.done), len(summary.skipped), len(summary.failed)) == (0, 2, 0)
     # Bad input: one-line error, exit code 2.
     assert example.main([str(tmp_path / "missing"), str(out)]) == 2
 
@@ -327,12 +342,19 @@ def test_progress_line_parser():
         assert process.parse_progress_line(junk) is None
 
 
-def test_background_denoise_worker_matches_in_process(logic, ct, checkpoint, tmp_path):
+def test_background_denoise_cli_matches_in_process(logic, ct, checkpoint, tmp_path):
     cmd, work = logic.prepareBackgroundDenoise(ct, tmp_path / "work", modelPath=checkpoint, device="cpu")
-    assert cmd[1:3] == ["-m", "FPDenoiseSlicerLib.worker"]
+    # The background job is the library's own CLI (as SlicerTotalSegmentator runs its CLI), no worker.
+    assert cmd[1:4] == ["-m", "FPDenoiseLib.cli", "denoise"] and "--progress-lines" in cmd
+    from FPDenoiseLib.cli import build_parser
+
+    args = build_parser().parse_args(cmd[3:])
+    assert args.saliency_dir == str(work) and args.progress_lines and args.summary_json
     job = process.BackgroundJob(cmd, env=logic.backgroundEnvironment())
     assert job.wait(timeout=300) == 0, job.error_summary()
     assert job.progress is not None and job.progress.fraction == 1.0
+    assert any(line.startswith("PROGRESS ") for line in job.lines)
+    assert (work / "denoised_feature_change.nrrd").is_file() and (work / "summary.json").is_file()
     res = logic.loadBackgroundDenoiseResults(ct, work)
     ref = logic.denoise(ct, checkpoint, device="cpu")
     np.testing.assert_array_equal(
@@ -346,7 +368,7 @@ def test_background_denoise_worker_matches_in_process(logic, ct, checkpoint, tmp
         rtol=1e-4, atol=1e-6,
     )
 
-    # A bad model path: the worker fails with a one-line error that the widget shows.
+    # A bad model path: the CLI fails with a one-line error that the widget shows.
     bad = process.BackgroundJob(
         logic.denoiseCommand(work / "input.nrrd", tmp_path / "w2", modelPath=tmp_path / "nope.pt"),
         env=logic.backgroundEnvironment(),
@@ -452,3 +474,128 @@ def test_errors_are_one_line(logic, ct, tmp_path):
     with pytest.raises(FPDenoiseError) as err:
         logic.denoise(ct, tmp_path / "missing.pt", device="cpu")
     assert "missing.pt" in str(err.value) and "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- Apply reuses nodes, subject hierarchy
+def test_each_apply_reuses_the_result_nodes_under_the_input_study(logic, ct, checkpoint):
+    scene = slicer.mrmlScene
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient A")
+    study = sh.CreateStudyItem(patient, "CT chest 2024")
+    sh.CreateItem(study, ct)  # as the DICOM module loads it: the volume under its study
+    keys = ("outputVolumeNode", "inputSaliencyNode", "outputSaliencyNode", "featureChangeNode")
+
+    first = logic.denoise(ct, checkpoint, device="cpu")
+    ids = {k: first[k].GetID() for k in keys}
+    count = scene.GetNumberOfNodes()
+    den1 = slicer.util.arrayFromVolume(first["outputVolumeNode"]).copy()
+    second = logic.denoise(ct, checkpoint, device="cpu", strength=0.3, **{k: first[k] for k in keys})
+    assert {k: second[k].GetID() for k in keys} == ids  # same nodes...
+    assert scene.GetNumberOfNodes() == count  # ...and no new ones
+    assert not np.array_equal(slicer.util.arrayFromVolume(second["outputVolumeNode"]), den1)  # new content
+    assert second["outputVolumeNode"].GetAttribute("FPDenoise.Strength") == "0.3"
+    for k in keys:
+        assert sh.GetItemParent(sh.GetItemByDataNode(second[k])) == study, k
+
+    # Another input must not overwrite this input's results, nor may the input itself be overwritten.
+    other = slicer.util.addVolumeFromArray(_ct_phantom(5), ijkToRAS=_ijk_to_ras(), name="other CT")
+    before = slicer.util.arrayFromVolume(second["outputVolumeNode"]).copy()
+    third = logic.denoise(other, checkpoint, device="cpu", computeSaliency=False,
+                          outputVolumeNode=second["outputVolumeNode"])
+    assert third["outputVolumeNode"].GetID() not in ids.values()
+    assert third["outputVolumeNode"].GetName() == "other CT denoised"
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(second["outputVolumeNode"]), before)
+    own = slicer.util.arrayFromVolume(ct).copy()
+    fourth = logic.denoise(ct, checkpoint, device="cpu", computeSaliency=False, outputVolumeNode=ct)
+    assert fourth["outputVolumeNode"].GetID() != ct.GetID()
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct), own)
+    # An input outside any study: results stay where Slicer puts new nodes (no parent forced).
+    assert sh.GetItemByDataNode(third["outputVolumeNode"]) == 0
+
+
+# ----------------------------------------------------------------------------- panel state, devices
+def test_apply_and_train_are_off_during_a_foreground_run(logic):
+    idle = logic.actionStates("", hasInput=True, hasReference=True, hasOutput=True)
+    assert all(enabled for enabled, _ in idle.values())
+    assert idle["apply"] == (True, "Apply") and idle["train"] == (True, "Train")
+    fg = logic.actionStates("foreground", hasInput=True, hasReference=True, hasOutput=True)
+    assert not any(enabled for enabled, _ in fg.values())  # no second Apply, no Train meanwhile
+    bg = logic.actionStates("denoise", hasInput=True, hasReference=True, hasOutput=True)
+    assert bg["apply"] == (True, "Cancel") and bg["train"][0] is False and bg["simulate"][0] is False
+    tr = logic.actionStates("train", hasInput=True)
+    assert tr["train"] == (True, "Cancel training") and tr["apply"][0] is False
+    assert logic.actionStates("", hasInput=False)["apply"][0] is False
+
+
+def test_device_choices_and_gpu_note(logic, ct):
+    from FPDenoiseSlicerLib.logic import DEVICE_CHOICES
+
+    assert DEVICE_CHOICES == ("auto", "cpu", "cuda", "mps")
+    assert "Choice(list(DEVICE_CHOICES))" in (REPO / "FPDenoise" / "FPDenoise.py").read_text()
+    no_gpu = logic.deviceAdvice("cpu", False)
+    assert no_gpu.startswith("No CUDA GPU found") and "minutes" in no_gpu and "mps" not in no_gpu
+    assert "mps" in logic.deviceAdvice("cpu", False, mpsAvailable=True)
+    assert "GPU" in logic.deviceAdvice("cpu", True, gpuName="RTX") and "No CUDA" not in logic.deviceAdvice("cpu", True)
+    small = logic.deviceAdvice("cuda", True, gpuName="tiny", gpuMemoryGB=2.0, sliceShape=(1024, 1024))
+    assert "tiny" in small and "may need" in small
+    assert "may need" not in logic.deviceAdvice("cuda", True, gpuName="big", gpuMemoryGB=80.0, sliceShape=(512, 512))
+    import torch
+
+    ok, msg = logic.checkDevice("auto", ct)  # this machine, real torch
+    assert ok and (("No CUDA GPU found" in msg) != torch.cuda.is_available())
+
+
+# ----------------------------------------------------------------------------- dependencies
+def test_requirements_checked_by_installed_distribution_version():
+    import importlib.metadata
+
+    from FPDenoiseSlicerLib import dependencies as deps
+
+    status = {s.name: s for s in deps.checkRequirements()}
+    assert all(s.ok for s in status.values()), [s.problem for s in status.values() if not s.ok]
+    # Distribution names, not import names: scikit-image (import skimage), PyWavelets (pywt), pillow (PIL).
+    assert status["scikit-image"].installed == importlib.metadata.version("scikit-image")
+    assert status["PyWavelets"].installed and status["pillow"].installed
+    # Too old is unmet even though it imports; a missing one says so.
+    (too_new,) = deps.checkRequirements(["numpy>=999"])
+    assert not too_new.ok and too_new.installed == importlib.metadata.version("numpy")
+    assert too_new.problem == f"numpy: {too_new.installed} installed, needs numpy>=999"
+    (absent,) = deps.checkRequirements(["fpdenoise-no-such-package>=1"])
+    assert absent.installed is None and "not installed" in absent.problem
+    # pyproject's markers: pydicom>=2.4 on Slicer 5.6/5.8's Python 3.9, pydicom>=3 from 3.10 on.
+    (py39,) = [s for s in deps.checkRequirements(environment={"python_version": "3.9"}) if s.name == "pydicom"]
+    (py311,) = [s for s in deps.checkRequirements(environment={"python_version": "3.11"}) if s.name == "pydicom"]
+    assert (py39.requirement, py311.requirement) == ("pydicom>=2.4", "pydicom>=3.0")
+    assert not deps.RequirementStatus("pydicom>=3.0", "pydicom", "2.4.4").ok  # what Slicer 5.8 bundles
+
+
+def test_requirements_match_pyproject():
+    try:
+        import tomllib
+    except ImportError:
+        tomllib = pytest.importorskip("tomli")
+    from FPDenoiseSlicerLib.dependencies import REQUIREMENTS
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert list(REQUIREMENTS) == project["dependencies"]
+
+
+def test_install_asks_first_and_torch_goes_through_the_pytorch_extension(logic):
+    from FPDenoiseSlicerLib import dependencies as deps
+
+    def never(text):
+        raise AssertionError("asked although nothing is missing")
+
+    assert logic.setupPythonRequirements(never) == []  # this venv has everything: no question
+    asked, installed = [], []
+    unmet = deps.unmetRequirements(["numpy>=999", "scipy>=1.0"])
+    assert [s.name for s in unmet] == ["numpy"]
+    assert deps.installRequirements(unmet, confirm=lambda t: asked.append(t) or False, pipInstall=installed.append) is False
+    assert installed == [] and "numpy: " in asked[0] and "needs numpy>=999" in asked[0]  # declined: nothing done
+    assert deps.installRequirements(unmet, confirm=lambda t: True, pipInstall=installed.append) is True
+    assert installed == [["numpy>=999"]]  # pip gets the requirement with its version
+    # torch is never pip-installed: without the PyTorch extension (as here) a clear error, before any question.
+    torch_unmet = deps.unmetRequirements(["torch>=999"])
+    with pytest.raises(RuntimeError, match="PyTorch extension"):
+        deps.installRequirements(torch_unmet, confirm=never, pipInstall=installed.append)
+    assert installed == [["numpy>=999"]]

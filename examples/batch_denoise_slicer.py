@@ -9,10 +9,12 @@ or with plain Python and ``pip install slicer-core`` (same Logic, bare MRML scen
 
     python examples/batch_denoise_slicer.py INPUT_DIR OUTPUT_DIR
 
-For each input ``NAME`` it writes ``NAME_denoised.nrrd`` (same geometry and units as the input,
-CT in HU), ``NAME_saliency.nrrd``, ``NAME_denoised_saliency.nrrd`` and ``NAME_feature_change.nrrd`` (Guided-Backprop saliency of
-input and output) into OUTPUT_DIR and prints the feature-preservation score. Exit code 0 on success,
-2 with a one-line message on bad input.
+It runs the library's batch driver (``FPDenoiseLib.batch``, the same as ``fpdenoise denoise INPUT_DIR
+OUTPUT_DIR``): one output per DICOM series (``<PatientID>_<SeriesNumber>_<uid hash>/``, a derived series)
+or volume file (``<relative path joined by _>.<ext>``, same geometry and units, CT in HU); with saliency
+the maps ``<name>_saliency_input``, ``<name>_saliency_denoised`` and ``<name>_feature_change`` go to
+OUTPUT_DIR/saliency. Outputs already there are skipped, so an interrupted run resumes. Exit code 0 when
+every input was done, 1 if any failed (listed in the summary), 2 with a one-line message on bad input.
 """
 
 from __future__ import annotations
@@ -51,14 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     from FPDenoiseLib.errors import FPDenoiseError
 
     try:
-        results = logic.batchDenoiseFolder(
+        summary = logic.batchDenoiseFolder(
             args.input_dir, args.output_dir, args.model, device=args.device, computeSaliency=not args.no_saliency
         )
     except FPDenoiseError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"denoised {len(results)} image(s) into {args.output_dir}")
-    return 0
+    print(f"denoised {len(summary.done)} image(s) into {args.output_dir} ({len(summary.skipped)} already there, "
+          f"{len(summary.failed)} failed)")
+    return summary.exit_code
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class ModuleJob:
     target: str | None = None  # train: the checkpoint being written
     cancelReason: str = ""
     lines: list = field(default_factory=list)  # every output line so far (the panel's log)
+    resultNodeIDs: dict = field(default_factory=dict)  # denoise: nodes to overwrite, by ID
 
     @property
     def running(self) -> bool:
@@ -89,8 +90,14 @@ class JobManager:
         self._observed: list[tuple[Any, int]] = []  # (scene, observer tag)
 
     # ------------------------------------------------------------------ start
-    def startDenoise(self, inputVolumeNode, **kwargs) -> ModuleJob:
-        """Export ``inputVolumeNode`` to a temp folder and start the denoise worker on it."""
+    def startDenoise(self, inputVolumeNode, resultNodes: dict | None = None, **kwargs) -> ModuleJob:
+        """Export ``inputVolumeNode`` to a temp folder and start the denoise CLI on it.
+
+        ``resultNodes`` (``outputVolumeNode=``, ``inputSaliencyNode=``, ``outputSaliencyNode=``,
+        ``featureChangeNode=``): the nodes the result should overwrite (the panel's selection, so each Apply
+        reuses them); kept by ID and looked up again when the job ends (a node deleted meanwhile is
+        replaced by a new one, see :meth:`FPDenoiseMRMLLogic.reusableResultNode`).
+        """
         identity = volumeIdentity(inputVolumeNode)
         work = Path(tempfile.mkdtemp(prefix="FPDenoise-"))
         try:
@@ -100,6 +107,7 @@ class JobManager:
             shutil.rmtree(work, ignore_errors=True)  # the exported patient volume must not stay behind
             raise
         job = ModuleJob("denoise", proc, work, inputVolumeNode.GetID(), identity, inputVolumeNode.GetName())
+        job.resultNodeIDs = {key: node.GetID() for key, node in (resultNodes or {}).items() if node is not None}
         return self._track(job)
 
     def startTraining(self, volumeNodes: Sequence, outputPath: str, **kwargs) -> ModuleJob:
@@ -168,7 +176,9 @@ class JobManager:
                 "discarded",
                 f"Denoising result discarded: its input volume {job.sourceName!r} is no longer in the scene.",
             )
-        result = self.logic.loadBackgroundDenoiseResults(source, job.workDir, **nodes)
+        scene = slicer.mrmlScene
+        reuse = {key: scene.GetNodeByID(nodeID) for key, nodeID in job.resultNodeIDs.items()}
+        result = self.logic.loadBackgroundDenoiseResults(source, job.workDir, **{**reuse, **nodes})
         return JobOutcome(job.kind, "done", "Denoising finished.", result)
 
     @staticmethod

@@ -59,20 +59,11 @@ _SIDE_BY_SIDE_XML = (
     '<property name="viewcolor" action="default">#EDD54C</property></view></item>'
     "</layout>"
 )
-# Modules the library needs at run time: (import name, pip requirement). torch is special-cased:
-# inside Slicer it is installed by the PyTorch extension's installer (right CUDA build) when present.
-REQUIRED_MODULES = (
-    ("torch", "torch"),
-    ("numpy", "numpy"),
-    ("scipy", "scipy"),
-    ("skimage", "scikit-image"),
-    ("pydicom", "pydicom>=3.0"),
-    ("SimpleITK", "SimpleITK"),
-    ("tqdm", "tqdm"),
-    ("pywt", "PyWavelets"),
-    ("tifffile", "tifffile"),
-    ("PIL", "pillow"),
-)
+# Devices the module offers (FPDenoiseLib.device.pick_device: auto = CUDA > MPS > CPU).
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+# What the background denoise (the library CLI) writes last into its work folder, and the batch's map folder.
+BACKGROUND_SUMMARY = "summary.json"
+BATCH_SALIENCY_FOLDER = "saliency"
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -89,10 +80,11 @@ def ensureLibraryImportable() -> None:
         sys.path.insert(0, str(repo))
 
 
-def missingDependencies() -> list[tuple[str, str]]:
-    """``(import name, pip requirement)`` of every library dependency that is not importable."""
-    return [(mod, req) for mod, req in REQUIRED_MODULES if importlib.util.find_spec(mod) is None]
+def missingDependencies() -> list:
+    """Library requirements that are missing or too old (by installed version, see :mod:`.dependencies`)."""
+    from .dependencies import unmetRequirements
 
+    return unmetRequirements()
 
 
 class FPDenoiseMRMLLogic:
@@ -179,10 +171,11 @@ class FPDenoiseMRMLLogic:
 
     def loadImageAsVolume(self, path: str | os.PathLike, name: str | None = None):
         """Read any file / DICOM series folder the library reads and add it as a volume node."""
+        from FPDenoiseLib.batch import strip_ext
         from FPDenoiseLib.io import read_image
 
         image = read_image(path)
-        return self.addVolumeFromImage(image, name or _stem(Path(path)))
+        return self.addVolumeFromImage(image, name or strip_ext(Path(path).name))
 
     def saveVolume(self, volumeNode, path: str | os.PathLike, *, like=None, description: str = "") -> Path:
         """Write a volume node with the library's atomic writer (format from the extension)."""
@@ -255,8 +248,8 @@ class FPDenoiseMRMLLogic:
     def checkDevice(device: str, volumeNode=None) -> tuple[bool, str]:
         """Check that ``device`` can run, before any long work: ``(usable, message)``.
 
-        The message explains a missing GPU or a CPU-only torch build (a common trap in Slicer), and
-        hints when the GPU memory looks too small for the chosen volume's slices.
+        The message is :meth:`deviceAdvice` for this machine: the GPU used, or a note that there is no CUDA
+        GPU (slow, and how to get one working), or that the GPU memory looks small for the volume's slices.
         """
         import torch
 
@@ -267,22 +260,77 @@ class FPDenoiseMRMLLogic:
             dev = pick_device(device)
         except FPDenoiseError as err:
             return False, str(err)
-        if dev.type != "cuda":
-            return True, f"Running on {dev.type.upper()}; a whole volume may take minutes (it runs in the background)."
-        props = torch.cuda.get_device_properties(dev)
-        total_gb = props.total_memory / 1024**3
-        msg = f"Running on GPU {props.name} ({total_gb:.1f} GB)."
+        cuda = torch.cuda.is_available()
+        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        name = memory = shape = None
+        if cuda:
+            props = torch.cuda.get_device_properties(dev if dev.type == "cuda" else 0)
+            name, memory = props.name, props.total_memory / 1024**3
         if volumeNode is not None and volumeNode.GetImageData() is not None:
-            _, h, w = slicer.util.arrayFromVolume(volumeNode).shape
-            # U-Net activations + guided-backprop graph: ~2 kB per pixel per slice in the batch (measured
-            # order of magnitude for base_channels 16-64); warn before an out-of-memory crash.
-            need_gb = h * w * 2048 * 2 / 1024**3
-            if need_gb > 0.8 * total_gb:
-                msg += (
-                    f" Slices of {w}x{h} may need ~{need_gb:.1f} GB: if it runs out of memory, use the CPU"
-                    " or a smaller batch."
-                )
-        return True, msg
+            shape = slicer.util.arrayFromVolume(volumeNode).shape[1:]
+        return True, FPDenoiseMRMLLogic.deviceAdvice(dev.type, cuda, mpsAvailable=mps, gpuName=name,
+                                                     gpuMemoryGB=memory, sliceShape=shape)
+
+    @staticmethod
+    def deviceAdvice(
+        resolved: str,
+        cudaAvailable: bool,
+        *,
+        mpsAvailable: bool = False,
+        gpuName: str | None = None,
+        gpuMemoryGB: float | None = None,
+        sliceShape: tuple | None = None,
+    ) -> str:
+        """What the panel says about the device ``resolved`` ("cuda", "mps", "cpu") on a machine with or
+        without a CUDA GPU: like SlicerTotalSegmentator, a clear note when there is no GPU (it will be slow)
+        and when the GPU memory looks too small for slices of ``sliceShape`` (rows, columns)."""
+        if resolved == "cuda":
+            msg = f"Running on GPU {gpuName or 'CUDA'}" + (f" ({gpuMemoryGB:.1f} GB)." if gpuMemoryGB else ".")
+            if gpuMemoryGB and sliceShape:
+                h, w = sliceShape
+                # U-Net activations + guided-backprop graph: ~2 kB per pixel per slice in the batch
+                # (order of magnitude for base_channels 16-64); warn before an out-of-memory crash.
+                need = h * w * 2048 * 2 / 1024**3
+                if need > 0.8 * gpuMemoryGB:
+                    msg += f" Slices of {w}x{h} may need ~{need:.1f} GB: if it runs out of memory, use the CPU."
+            return msg
+        if resolved == "mps":
+            return "Running on the Apple GPU (MPS)."
+        if cudaAvailable:
+            return f"Running on the CPU as chosen; device 'auto' or 'cuda' would use the GPU {gpuName or ''}".rstrip() + "."
+        msg = (
+            "No CUDA GPU found: running on the CPU, so a whole volume may take minutes (the progress bar shows "
+            "how far it is). With an NVIDIA GPU, install its driver and the CUDA build of PyTorch (PyTorch Utils "
+            "module), then restart Slicer."
+        )
+        return msg + (" This Mac has a GPU: choose device 'mps'." if mpsAvailable else "")
+
+    @staticmethod
+    def actionStates(running: str = "", *, hasInput: bool = False, hasReference: bool = False,
+                     hasOutput: bool = False) -> dict:
+        """``{button: (enabled, text or None = unchanged)}`` for the panel's buttons ("apply", "train", "simulate", "metrics",
+        "sideBySide") while ``running`` is "" (idle), "denoise" or "train" (a background job: its own button
+        becomes Cancel, the other start buttons are off) or "foreground" (an in-process denoise: every
+        button is off until it returns, so a second Apply or a Train cannot start meanwhile)."""
+        idle = running == ""
+        return {
+            "apply": (hasInput and running in ("", "denoise"), "Cancel" if running == "denoise" else "Apply"),
+            "train": (running in ("", "train"), "Cancel training" if running == "train" else "Train"),
+            "simulate": (hasInput and idle, None),
+            "metrics": (hasReference and hasOutput and running != "foreground", None),
+            "sideBySide": (hasInput and hasOutput and running != "foreground", None),
+        }
+
+    def setupPythonRequirements(self, confirm: Callable[[str], bool], pipInstall: Callable | None = None) -> list:
+        """Install the library's missing or too old requirements after ``confirm(message)`` agrees (torch via
+        the PyTorch extension, the rest with pip; see :mod:`.dependencies`). Returns what is still unmet
+        (empty: ready); raises RuntimeError with a clear message when the PyTorch extension is missing."""
+        from .dependencies import installRequirements, unmetRequirements
+
+        unmet = unmetRequirements()
+        if unmet and installRequirements(unmet, confirm=confirm, pipInstall=pipInstall):
+            unmet = unmetRequirements()
+        return unmet
 
     # ------------------------------------------------------------------ denoising
     def denoise(
@@ -351,7 +399,11 @@ class FPDenoiseMRMLLogic:
         strength: float | None = None,
     ) -> dict:
         name = inputVolumeNode.GetName()
-        out = self._newVolumeLike(inputVolumeNode, denoised, f"{name} denoised", outputVolumeNode)
+
+        def reuse(node):
+            return self.reusableResultNode(inputVolumeNode, node)
+
+        out = self._newVolumeLike(inputVolumeNode, denoised, f"{name} denoised", reuse(outputVolumeNode))
         # Same window/level as the input so the two views compare like for like.
         inDisplay, outDisplay = inputVolumeNode.GetDisplayNode(), out.GetDisplayNode()
         if inDisplay is not None and outDisplay is not None:
@@ -374,9 +426,9 @@ class FPDenoiseMRMLLogic:
         if salIn is not None and salOut is not None:
             from FPDenoiseLib.display import saliency_window
 
-            sIn = self._newVolumeLike(inputVolumeNode, salIn.astype(np.float32), f"{name} saliency", inputSaliencyNode)
+            sIn = self._newVolumeLike(inputVolumeNode, salIn.astype(np.float32), f"{name} saliency", reuse(inputSaliencyNode))
             sOut = self._newVolumeLike(
-                inputVolumeNode, salOut.astype(np.float32), f"{name} denoised saliency", outputSaliencyNode
+                inputVolumeNode, salOut.astype(np.float32), f"{name} denoised saliency", reuse(outputSaliencyNode)
             )
             # One display window for both maps, so equal colour means equal saliency left and right.
             window = saliency_window(salIn, salOut)
@@ -386,14 +438,43 @@ class FPDenoiseMRMLLogic:
             if change is not None:
                 # Its own window: changes are smaller than the saliency itself and would read black on it.
                 sChange = self._newVolumeLike(
-                    inputVolumeNode, change.astype(np.float32), f"{name} feature change", featureChangeNode
+                    inputVolumeNode, change.astype(np.float32), f"{name} feature change", reuse(featureChangeNode)
                 )
                 self.setSaliencyDisplay(sChange)
                 result["featureChangeNode"] = sChange
             if fpScore is not None:
                 result["fpScore"] = float(fpScore)
                 out.SetAttribute("FPDenoise.FeaturePreservation", f"{float(fpScore):.6f}")
+        nodes = [n for k, n in result.items() if k.endswith("Node") and n is not None]
+        for node in nodes:
+            node.SetAttribute("FPDenoise.SourceVolumeID", inputVolumeNode.GetID())
+        self.placeInInputStudy(inputVolumeNode, nodes)
         return result
+
+    def reusableResultNode(self, inputVolumeNode, node):
+        """``node`` when Apply may overwrite it with a result of ``inputVolumeNode``, else None (a new node).
+
+        Never the input itself, a node no longer in the scene, or an FPDenoise result of another volume
+        (its ``FPDenoise.SourceVolumeID``): choosing patient B as input must not overwrite "A denoised".
+        """
+        if node is None or inputVolumeNode is None or node.GetID() == inputVolumeNode.GetID():
+            return None
+        if node.GetScene() is None or self._scene().GetNodeByID(node.GetID()) is not node:
+            return None
+        source = node.GetAttribute("FPDenoise.SourceVolumeID")
+        return None if source and source != inputVolumeNode.GetID() else node
+
+    def placeInInputStudy(self, inputVolumeNode, nodes) -> None:
+        """Put ``nodes`` in the subject hierarchy beside the input (under its study), as SlicerTotalSegmentator
+        and MONAIAuto3DSeg do; nothing when the input has no subject hierarchy parent."""
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self._scene())
+        inputItem = shNode.GetItemByDataNode(inputVolumeNode) if shNode is not None else 0
+        parent = shNode.GetItemParent(inputItem) if inputItem else 0
+        if not parent:
+            return
+        for node in nodes:
+            item = shNode.GetItemByDataNode(node) or shNode.CreateItem(parent, node)
+            shNode.SetItemParent(item, parent)
 
     # ------------------------------------------------------------------ display
     def saliencyColorNodeID(self, gamma: float | None = None) -> str:
@@ -714,47 +795,54 @@ class FPDenoiseMRMLLogic:
         modelPath: str | os.PathLike | None = None,
         device: str = "auto",
         computeSaliency: bool = True,
-        modality: str | None = None,
         strength: float = 1.0,
         python: str | None = None,
     ) -> list[str]:
-        """Argument list of a background whole-volume denoise (:mod:`FPDenoiseSlicerLib.worker`)."""
+        """Argument list of a background whole-volume denoise: the library's own CLI, as SlicerTotalSegmentator
+        runs its CLI, ``python -m FPDenoiseLib.cli denoise IN DIR/denoised.nrrd --saliency-dir DIR
+        --saliency-format nrrd --summary-json DIR/summary.json --progress-lines ...``.
+
+        The CLI prints ``PROGRESS`` lines, writes the maps, then the denoised volume, then the summary (last,
+        atomically): :meth:`loadBackgroundDenoiseResults` reads it. Errors: one line, exit code 2.
+        """
         from .process import python_executable
 
-        cmd = [python or python_executable(), "-m", "FPDenoiseSlicerLib.worker", "--input", str(inputPath)]
-        cmd += ["--output-dir", str(outputDir), "--device", device, "--strength", f"{float(strength):g}"]
+        out = Path(outputDir)
+        cmd = [python or python_executable(), "-m", "FPDenoiseLib.cli", "denoise", str(inputPath), str(out / "denoised.nrrd")]
+        if computeSaliency:
+            cmd += ["--saliency-dir", str(out), "--saliency-format", "nrrd"]
+        cmd += ["--summary-json", str(out / BACKGROUND_SUMMARY), "--device", device, "--strength", f"{float(strength):g}"]
         if modelPath:
             cmd += ["--model", str(modelPath)]
-        if modality:
-            cmd += ["--modality", modality]
-        if not computeSaliency:
-            cmd += ["--no-saliency"]
-        return cmd
+        return cmd + ["--progress-lines"]
 
     def prepareBackgroundDenoise(self, inputVolumeNode, workDir: str | os.PathLike | None = None, **kwargs) -> tuple[list[str], Path]:
-        """Export the input to a temporary NRRD and return ``(command, workDir)`` for a background denoise."""
+        """Export the input (with its modality) to a temporary NRRD; return ``(command, workDir)``."""
+        from FPDenoiseLib.io import write_image
+
         work = Path(workDir) if workDir else Path(tempfile.mkdtemp(prefix="FPDenoise-"))
-        inPath = self.saveVolume(inputVolumeNode, work / "input.nrrd")
-        modality = kwargs.pop("modality", None) or self.guessModality(inputVolumeNode)
-        return self.denoiseCommand(inPath, work, modality=modality, **kwargs), work
+        image = self.imageFromVolume(inputVolumeNode, kwargs.pop("modality", None))
+        inPath = write_image(image, work / "input.nrrd")
+        return self.denoiseCommand(inPath, work, **kwargs), work
 
     def loadBackgroundDenoiseResults(self, inputVolumeNode, workDir: str | os.PathLike, **nodes) -> dict:
-        """Turn the worker's files in ``workDir`` into result nodes (same return value as :meth:`denoise`)."""
+        """Turn the CLI's files in ``workDir`` into result nodes (same return value as :meth:`denoise`)."""
         from FPDenoiseLib.io import read_image
 
-        work = Path(workDir)
-        info = json.loads((work / "result.json").read_text())
-        denoised = read_image(work / info["denoised"]).array
-        salIn = read_image(work / info["saliency_input"]).array if info.get("saliency_input") else None
-        salOut = read_image(work / info["saliency_output"]).array if info.get("saliency_output") else None
-        change = read_image(work / info["feature_change"]).array if info.get("feature_change") else None
+        info = json.loads((Path(workDir) / BACKGROUND_SUMMARY).read_text())
+        item = info["items"][0]
+        outputs = item["outputs"]
+
+        def load(role: str):
+            return read_image(outputs[role]).array if role in outputs else None
+
         return self._addResultNodes(
             inputVolumeNode,
-            denoised,
-            salIn,
-            salOut,
-            info.get("fp_score"),
-            change=change,
+            load("denoised"),
+            load("saliency_input"),
+            load("saliency_output"),
+            item.get("fp_score"),
+            change=load("feature_change"),
             modelName=info.get("model", ""),
             strength=info.get("strength"),
             **nodes,
@@ -769,51 +857,36 @@ class FPDenoiseMRMLLogic:
         *,
         device: str = "auto",
         computeSaliency: bool = True,
-        clearScene: bool = True,
         log_: Callable[[str], None] | None = print,
         strength: float = 1.0,
-    ) -> list[dict]:
-        """Denoise every image / DICOM series under ``inputDir``; write ``<name>_denoised.nrrd`` and, with
-        saliency, ``<name>_saliency.nrrd``, ``<name>_denoised_saliency.nrrd`` and
-        ``<name>_feature_change.nrrd`` into ``outputDir``.
-
-        Each input goes through the same MRML path as in the module (load as a volume node, denoise,
-        save the nodes). Returns one dict per input: ``input``, ``outputs`` (paths), ``fpScore``.
+    ):
+        """Denoise every DICOM series and volume file under ``inputDir`` into ``outputDir`` with the library's
+        batch driver (:mod:`FPDenoiseLib.batch`, the same as ``fpdenoise denoise IN_DIR OUT_DIR``): one output
+        per input, named ``<PatientID>_<SeriesNumber>_<uid hash>`` (a derived DICOM series) or
+        ``<relative path joined by _>.<ext>``; with saliency the maps go to ``outputDir/saliency``; inputs
+        whose output exists are skipped (resume). No MRML nodes are made. Returns the
+        :class:`FPDenoiseLib.batch.BatchSummary` (``done``/``skipped``/``failed``, outputs, feature scores).
         """
+        from FPDenoiseLib.batch import denoise_batch, discover
         from FPDenoiseLib.errors import InputError
-        from FPDenoiseLib.io import find_images
 
         inputDir, outputDir = Path(inputDir), Path(outputDir)
         if not inputDir.is_dir():
             raise InputError(f"{inputDir}: input folder not found")
-        inputs = find_images(inputDir)
-        if not inputs:
+        items = discover(inputDir, outputDir)
+        if not items:
             raise InputError(f"{inputDir}: no readable images or DICOM series found")
         outputDir.mkdir(parents=True, exist_ok=True)
-        results = []
-        for n, path in enumerate(inputs, 1):
-            node = self.loadImageAsVolume(path)
-            res = self.denoise(node, modelPath, device=device, computeSaliency=computeSaliency, strength=strength)
-            rel = path.relative_to(inputDir) if path != inputDir else Path(path.name)
-            base = "_".join(rel.with_name(_stem(rel)).parts) or "image"
-            written = [self.saveVolume(res["outputVolumeNode"], outputDir / f"{base}_denoised.nrrd")]
-            if res["inputSaliencyNode"] is not None:
-                written.append(self.saveVolume(res["inputSaliencyNode"], outputDir / f"{base}_saliency.nrrd"))
-                written.append(
-                    self.saveVolume(res["outputSaliencyNode"], outputDir / f"{base}_denoised_saliency.nrrd")
-                )
-            if res["featureChangeNode"] is not None:
-                written.append(self.saveVolume(res["featureChangeNode"], outputDir / f"{base}_feature_change.nrrd"))
-            fp = res["fpScore"]
-            if log_:
-                log_(f"[{n}/{len(inputs)}] {path} -> {written[0]}" + (f" (FP score {fp:.3f})" if fp is not None else ""))
-            results.append({"input": path, "outputs": written, "fpScore": fp})
-            if clearScene:
-                for key in ("outputVolumeNode", "inputSaliencyNode", "outputSaliencyNode", "featureChangeNode"):
-                    if res[key] is not None:
-                        slicer.mrmlScene.RemoveNode(res[key])
-                slicer.mrmlScene.RemoveNode(node)
-        return results
+        quiet = log_ or (lambda text: None)
+        return denoise_batch(
+            self.getDenoiser(modelPath, device, strength=strength),
+            items,
+            outputDir,
+            input_root=inputDir,
+            saliency_dir=outputDir / BATCH_SALIENCY_FOLDER if computeSaliency else None,
+            log=quiet,
+            emit=lambda text: None,
+        )
 
 
 def _castLike(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -822,10 +895,3 @@ def _castLike(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
         return np.clip(np.rint(values), info.min, info.max).astype(dtype)
     return np.asarray(values).astype(dtype, copy=False)
 
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".dcm", ".png", ".tif", ".tiff"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name

@@ -6,8 +6,8 @@ a queue; the widget polls :meth:`BackgroundJob.poll` from a ``qt.QTimer`` (the o
 turns parsed progress into a progress bar. :func:`kill_process_tree` ends the process *and* its
 children (PyTorch data-loader workers...) on Cancel.
 
-Progress protocol: the library CLI (``--progress-lines``) and :mod:`FPDenoiseSlicerLib.worker` print
-``PROGRESS <done> <total> <message>``; plain tqdm bars (``45%|####  | 45/100 [00:01<00:02]``) are
+Progress protocol: the library CLI (``--progress-lines``, used for both the background denoise and
+training) prints ``PROGRESS <done> <total> <message>``; plain tqdm bars (``45%|####  | 45/100 [00:01<00:02]``) are
 understood too, so a command without ``--progress-lines`` still moves the bar.
 """
 
