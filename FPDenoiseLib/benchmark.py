@@ -413,30 +413,9 @@ def run_benchmark(
     _atomic_write_text(out / "summary.md", render_summary_md(summary, notes=_notes(feature_net, learned)))
     if figures:
         _figures(out, images, noises, levels[0], run_methods, feature_net, seed, rows, methods)
-    run_info = {
-        "fpdenoise_version": __version__,
-        "versions": _versions(),
-        "device": str(feature_net.device if feature_net is not None else (
-            next(iter(learned.values())).device if learned else "cpu")),
-        "seed": seed,
-        "data": str(data) if isinstance(data, (str, os.PathLike)) else "<in-memory slices>",
-        "protocol": protocol and {"layout": protocol, "n_train": protocol_train, "n_test": protocol_test, "size": size},
-        "images": [{"source": im.source, "slice_index": im.index, "modality": im.modality,
-                    "shape": list(im.clean.shape), "normalizer": im.normalizer.to_dict()} for im in images],
-        "noises": list(noises),
-        "levels": list(levels),
-        "methods": {m: run_methods[m].info for m in methods},
-        "baseline_params": dict(BASELINE_PARAMS),
-        "baseline_common_params": BASELINE_COMMON_PARAMS,
-        "feature_extractor": (str(feature_net.checkpoint_path) + " restoration net") if feature_net else None,
-        "psnr_cap_db": PSNR_CAP_DB,
-        "data_range": "max(clean) - min(clean) of each clean slice in original units",
-        "speed": "wall seconds per slice (batch 1), scaled linearly to 512x512 pixels",
-        "resumed_rows": n_before,
-        "new_rows": len(rows) - n_before,
-        "total_seconds": time.perf_counter() - t_start,
-    }
-    _atomic_write_text(out / "run.json", json.dumps(run_info, indent=2, default=str) + "\n")
+    run_info = _write_run_json(out, t_start, data, seed, images, noises, levels, methods, run_methods, learned,
+                               feature_net, {"layout": protocol, "n_train": protocol_train, "n_test": protocol_test,
+                                             "size": size} if protocol else protocol, n_before, len(rows))
     summary["total_seconds"] = run_info["total_seconds"]
     return summary
 
@@ -550,6 +529,39 @@ def _run_cases(
         bar.close()
         _write_results(csv_path, rows)
     return rows
+
+
+def _write_run_json(
+    out: Path, t_start: float, data: Any, seed: int, images: list[BenchImage], noises: Sequence[str],
+    levels: Sequence[float], methods: Sequence[str], run_methods: dict[str, _Method], learned: dict[str, Any],
+    feature_net: Any, protocol: dict | str | None, n_before: int, n_rows: int,
+) -> dict:
+    """``out/run.json``: what was run, on what, with which versions; returns its dict."""
+    run_info = {
+        "fpdenoise_version": __version__,
+        "versions": _versions(),
+        "device": str(feature_net.device if feature_net is not None else (
+            next(iter(learned.values())).device if learned else "cpu")),
+        "seed": seed,
+        "data": str(data) if isinstance(data, (str, os.PathLike)) else "<in-memory slices>",
+        "protocol": protocol,
+        "images": [{"source": im.source, "slice_index": im.index, "modality": im.modality,
+                    "shape": list(im.clean.shape), "normalizer": im.normalizer.to_dict()} for im in images],
+        "noises": list(noises),
+        "levels": list(levels),
+        "methods": {m: run_methods[m].info for m in methods},
+        "baseline_params": dict(BASELINE_PARAMS),
+        "baseline_common_params": BASELINE_COMMON_PARAMS,
+        "feature_extractor": (str(feature_net.checkpoint_path) + " restoration net") if feature_net else None,
+        "psnr_cap_db": PSNR_CAP_DB,
+        "data_range": "max(clean) - min(clean) of each clean slice in original units",
+        "speed": "wall seconds per slice (batch 1), scaled linearly to 512x512 pixels",
+        "resumed_rows": n_before,
+        "new_rows": n_rows - n_before,
+        "total_seconds": time.perf_counter() - t_start,
+    }
+    _atomic_write_text(out / "run.json", json.dumps(run_info, indent=2, default=str) + "\n")
+    return run_info
 
 
 def _check_resumable(run_json: Path, seed: int, method_info: dict) -> None:
