@@ -272,7 +272,7 @@ class ResUNet(nn.Module):
 
     Pixel-unshuffle (x2) in, four levels of residual blocks (channels 16-32-64-128 by default,
     strided-conv down, transposed-conv up, additive skips), pixel-shuffle out, global residual
-    ``D(y) = y + m * R(y, m)``. ``m`` is a noise-level map given as an extra input channel, as in
+    ``D(y) = y + tanh(g m) R(y, m)``. ``m`` is a noise-level map given as an extra input channel, as in
     DPIR/FFDNet; when not given it is predicted by a built-in :class:`NoiseLevelEstimator`
     (blind denoising). ``strength`` scales the map: 0 returns the input exactly, < 1 denoises
     less, > 1 more (the Low / Medium / High of commercial deep-learning reconstruction).
@@ -294,7 +294,7 @@ class ResUNet(nn.Module):
         unshuffle: int = 2,
         estimator_channels: int = 24,
         estimator_depth: int = 5,
-        noise_scaled_residual: bool = True,
+        residual_gate: float = 40.0,
     ) -> None:
         super().__init__()
         channels = [int(c) for c in channels]
@@ -307,9 +307,9 @@ class ResUNet(nn.Module):
             "unshuffle": unshuffle,
             "estimator_channels": estimator_channels,
             "estimator_depth": estimator_depth,
-            "noise_scaled_residual": noise_scaled_residual,
+            "residual_gate": float(residual_gate),
         }
-        self.noise_scaled_residual = noise_scaled_residual
+        self.residual_gate = float(residual_gate)
         self.unshuffle = unshuffle
         self.multiple = unshuffle * 2 ** (len(channels) - 1)
         u2 = unshuffle**2
@@ -369,10 +369,12 @@ class ResUNet(nn.Module):
         for up, dec in zip(self.ups, self.decoders):  # noqa: B905
             y = dec(up(y) + skips.pop())
         r = F.pixel_shuffle(self.tail(y), u)
-        if self.noise_scaled_residual:
-            # The correction is predicted in units of the local noise level: where the map is 0 the
-            # output is the input exactly, so clean regions and clean images pass unchanged.
-            r = r * (m * strength)
+        if self.residual_gate > 0:
+            # The correction is gated by the local noise level, tanh(gate * m): where the map is 0
+            # the output is the input exactly (clean images and regions pass unchanged); at typical
+            # noise levels (m >~ 2 / gate) the gate is ~1 and the net learns as a plain residual net
+            # (a gate linear in m would shrink its effective learning rate by m ~ 0.01-0.05).
+            r = r * torch.tanh(m * (strength * self.residual_gate))
         out = (xp + r)[..., :h, :w]
         return (out, est[..., :h, :w]) if return_map else out
 

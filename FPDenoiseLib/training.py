@@ -98,7 +98,7 @@ class TrainConfig:
         if self.arch == "resunet" and role == "denoiser":
             b = self.base_channels
             return {"arch": "resunet", "channels": [b, 2 * b, 4 * b, 8 * b], "blocks": 2, "unshuffle": 2,
-                    "estimator_channels": 24, "estimator_depth": 5, "noise_scaled_residual": True}
+                    "estimator_channels": 24, "estimator_depth": 5, "residual_gate": 40.0}
         if self.arch == "drunet" and role == "denoiser":
             return {"arch": "drunet", "base_channels": self.base_channels, "blocks": 2, "noise_level_map": False, "residual": True}
         return {

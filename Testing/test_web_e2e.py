@@ -181,7 +181,9 @@ def test_browser_load_denoise_opacity_slice(server):
                 timeout=300_000,
             )
             assert page.locator("#error").text_content().strip() == "", page.locator("#error").text_content()
-            assert "Feature preservation" in page.locator("#scores").text_content()
+            score = page.locator("#score-text").text_content()
+            assert "feature score 0." in score or "feature score 1.0" in score, score
+            assert "1.0 = every feature kept" in score, score
             page.wait_for_timeout(2000)
             if os.environ.get("FPDENOISE_SCREENSHOT"):
                 dest = REPO / "docs" / "screenshots" / "web_after_denoise.png"
@@ -190,7 +192,8 @@ def test_browser_load_denoise_opacity_slice(server):
             left, right = _view_pixels(page, 0), _view_pixels(page, 1)
             for rgb in (left, right):
                 assert _heat_fraction(rgb) > 0.01, "saliency overlay missing"
-                assert _grey_fraction(rgb) > 0.05, "CT under the overlay missing"
+                # the overlay colours structure (above the 60th percentile): flat tissue stays grey
+                assert _grey_fraction(rgb) > 0.01, "CT under the overlay missing"
 
             _set_slider(page, "#opacity", 0.0)  # opacity 0: overlays vanish, CT stays
             right0 = _wait_frame_change(page, 1, right)
