@@ -454,15 +454,18 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
 
     def placeInInputStudy(self, inputVolumeNode, nodes) -> None:
         """Put ``nodes`` in the subject hierarchy beside the input (under its study), as SlicerTotalSegmentator
-        and MONAIAuto3DSeg do; nothing when the input has no subject hierarchy parent."""
+        and MONAIAuto3DSeg do; nothing when the input is not under a study or folder (scene level)."""
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self._scene())
         inputItem = shNode.GetItemByDataNode(inputVolumeNode) if shNode is not None else 0
         parent = shNode.GetItemParent(inputItem) if inputItem else 0
-        if not parent:
+        if not parent or parent == shNode.GetSceneItemID():  # not under a study or folder: leave as is
             return
         for node in nodes:
-            item = shNode.GetItemByDataNode(node) or shNode.CreateItem(parent, node)
-            shNode.SetItemParent(item, parent)
+            item = shNode.GetItemByDataNode(node)
+            if not item:
+                shNode.CreateItem(parent, node)
+            elif shNode.GetItemParent(item) != parent:
+                shNode.SetItemParent(item, parent)
 
     # ------------------------------------------------------------------ simulation and metrics
     def simulateNoise(
