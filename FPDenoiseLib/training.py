@@ -48,14 +48,11 @@ class TrainConfig:
     """Everything that defines a training run (stored in the checkpoint's ``training`` entry).
 
     Steps count optimiser updates; ``restoration_steps`` defaults to half of ``steps``.
-    ``lam`` weights the FP term, a *relative* feature error (see :mod:`FPDenoiseLib.losses`).
-    Measured here: the relative GB error of noisy patches is ~0.04 (Gaussian, level 0.5) while
-    the residual term is ~0.003-0.006, so ``lam=0.05`` already makes the FP term 30% of the loss
-    and, trained from scratch on CPU budgets, cost 3 dB of validation PSNR; ``lam=0.01`` (FP
-    term ~10% of the loss) is the default.
-    ``level_range``: noise severities are drawn uniformly from it. Training on (0.05, 1.0) left a
-    model that over-smoothed mildly corrupted images (-6 dB on a mild bias field); (0.0, 0.6)
-    raised the mean gain over the 13 noise types at level 0.5 from +0.9 to +2.0 dB (same steps).
+    ``lam`` weights the FP term, a *relative* feature error (see :mod:`FPDenoiseLib.losses`); the
+    FP term is kept a small share of the loss so that it shapes features without costing PSNR
+    (``scripts/fp_lambda_probe.py`` sizes it; measurements in ``Resources/Models/README.md``).
+    ``level_range``: noise severities are drawn uniformly from it; it must reach 0, or mildly
+    corrupted images get over-smoothed.
     """
 
     data: list[str] = field(default_factory=list)

@@ -484,15 +484,15 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         clean volume (attribute ``FPDenoise.GroundTruthID``) for PSNR/SSIM.
         """
         from FPDenoiseLib.errors import InputError
-        from FPDenoiseLib.intensity import Normalizer
+        from FPDenoiseLib.intensity import in_normalized_units
         from FPDenoiseLib.noise import NOISE_NAMES, add_noise
 
         if noiseName not in NOISE_NAMES:
             raise InputError(f"noise {noiseName!r}: unknown; choose one of {', '.join(NOISE_NAMES)}")
         image = self.imageFromVolume(volumeNode, modality)
-        norm = Normalizer.for_array(image.array, modality=image.modality)
-        noisy = norm.inverse(add_noise(norm.forward(image.array), noiseName, level=float(level), seed=seed))
-        noisy = _castLike(noisy, image.array.dtype)
+        noisy = in_normalized_units(
+            image.array, lambda x: add_noise(x, noiseName, level=float(level), seed=seed), modality=image.modality
+        )
         node = self._newVolumeLike(volumeNode, noisy, f"{volumeNode.GetName()} {noiseName} {float(level):.2f}")
         node.SetAttribute("FPDenoise.GroundTruthID", volumeNode.GetID())
         node.SetAttribute("FPDenoise.Modality", image.modality)
@@ -695,10 +695,4 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
             emit=lambda text: None,
         )
 
-
-def _castLike(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
-    return np.asarray(values).astype(dtype, copy=False)
 
