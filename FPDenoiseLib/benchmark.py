@@ -450,7 +450,7 @@ def _load_methods(
     in table order, a runner per method, and the network whose restoration net scores features for
     every method (ours; None without one).
     """
-    from .inference import Denoiser, default_model_path
+    from .inference import Denoiser, default_model_path, default_twin_path
 
     known = set(LEARNED_METHODS) | set(BASELINES) | {"noisy"}
     learned: dict[str, Any] = {}
@@ -460,6 +460,9 @@ def _load_methods(
         learned["ours"] = Denoiser(ours_path, device=device)
     elif methods is not None and "ours" in methods:
         raise InputError(f"{ours_path}: model checkpoint not found (pass --model CKPT)")
+    twin = default_twin_path()
+    if model is None and not baseline_models and twin.is_file() and (methods is None or "mse_only" in methods):
+        baseline_models = [f"mse_only={twin}"]  # the shipped MSE-only twin: the FP-vs-MSE ablation by default
     for spec in baseline_models:
         name, path = _checkpoint_method_name(str(spec))
         den = Denoiser(path, device=device)

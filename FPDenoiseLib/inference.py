@@ -31,6 +31,7 @@ from .xai import DEFAULT_READOUT, guided_backprop, saliency_for_display
 
 ProgressCallback = Callable[[int, int], None]  # progress(done, total)
 DEFAULT_MODEL_NAME = "fpdenoise_default.pt"
+MSE_TWIN_NAME = "fpdenoise_mse_twin.pt"
 # Pixel budget per batch: bounds activation memory independent of slice size (~1.5 GB on CPU
 # for the default U-Net at 2M pixels).
 MAX_BATCH_PIXELS = 2_000_000
@@ -55,6 +56,11 @@ def resources_dir() -> Path:
 def default_model_path() -> Path:
     """Path of the shipped default checkpoint (``Resources/Models/fpdenoise_default.pt``)."""
     return resources_dir() / "Models" / DEFAULT_MODEL_NAME
+
+
+def default_twin_path() -> Path:
+    """The shipped MSE-only twin of the default model (same data, recipe and steps; no FP term)."""
+    return resources_dir() / "Models" / MSE_TWIN_NAME
 
 
 def sample_data_path() -> Path:
@@ -234,7 +240,8 @@ class Denoiser:
             x = norm.forward(stack[sl])
             if denoise:
                 y = self._forward(x)
-                den[sl] = cast_like(norm.inverse(y), a.dtype)
+                # strength 0 returns the input itself (the float normalise/inverse round trip is not exact)
+                den[sl] = stack[sl] if self.strength == 0.0 else cast_like(norm.inverse(y), a.dtype)
             if saliency:
                 # Signed maps once; magnitudes for display, their difference for the change map.
                 g_in = self._gb_signed(x)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from FPDenoiseLib import baselines
-from FPDenoiseLib.inference import Denoiser, default_model_path
+from FPDenoiseLib.inference import MSE_TWIN_NAME, Denoiser, default_model_path
 from FPDenoiseLib.intensity import Normalizer
 from FPDenoiseLib.io import atomic_path, find_images, read_image
 from FPDenoiseLib.metrics import mean_ci95, psnr, ssim
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    twin_path = args.twin or str(Path(args.model).with_name("fpdenoise_mse_twin.pt"))
+    twin_path = args.twin or str(Path(args.model).with_name(MSE_TWIN_NAME))
     ours = Denoiser(args.model, device="cpu")
     ours_ens = Denoiser(args.model, device="cpu", ensemble=args.ensemble)
     nets = {"ours": ours, f"ours_x{args.ensemble}": ours_ens}

@@ -196,19 +196,19 @@ def main(argv: list[str] | None = None) -> int:
             sync(dev)
         return run
 
-    rates["ours (U-Net)"] = 1.0 / timeit(fwd(d), max(reps, 3))
+    rates["ours (denoiser)"] = 1.0 / timeit(fwd(d), max(reps, 3))
     cfg = TrainConfig(arch="drunet")
     torch.manual_seed(0)
     dr = build_model(cfg.model_config("denoiser")).eval().to(dev)
     rates["drunet (arch)"] = 1.0 / timeit(fwd(dr), max(reps, 3))
     for name, r in sorted(rates.items(), key=lambda kv: -kv[1]):
         print(f"  {name:22s} {r:9.2f} slices/s   {1000 / r:9.1f} ms/slice")
-    print(f"  ours / BM3D speed ratio: {rates['ours (U-Net)'] / rates['bm3d']:.1f}x faster")
+    print(f"  ours / BM3D speed ratio: {rates['ours (denoiser)'] / rates['bm3d']:.1f}x faster")
 
     # ---- 2. FLOP/s
     print("\n## 2. U-Net forward achieved FLOP/s vs measured float32 matmul peak")
     flops = forward_flops(d, x)
-    t_fwd = 1.0 / rates["ours (U-Net)"]
+    t_fwd = 1.0 / rates["ours (denoiser)"]
     peak = matmul_peak(dev)
     print(f"  U-Net forward: {flops / 1e9:.2f} GFLOP per 512x512 slice, {t_fwd * 1000:.1f} ms "
           f"-> {flops / t_fwd / 1e9:.1f} GFLOP/s")
