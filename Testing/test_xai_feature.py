@@ -140,7 +140,7 @@ def test_linear_readout_gives_exactly_zero_fp_gradient(f_shipped):
 
 def test_feature_score_separates_noisy_from_filtered(ct_crop, f_shipped):
     """(d) Gaussian noise, sigma 5 % of the range: a 3x3 mean filter's feature score beats the
-    noisy input's by a clear margin (measured 0.057 on this crop; the legacy energy readout: 0.011)."""
+    noisy input's by a clear margin, and by far more than with the legacy energy readout."""
     rng = np.random.default_rng(0)
     noisy = (ct_crop + 0.05 * np.ptp(ct_crop) * rng.standard_normal(ct_crop.shape)).astype(np.float32)
     filtered = ndimage.uniform_filter(noisy, 3).astype(np.float32)
@@ -150,5 +150,7 @@ def test_feature_score_separates_noisy_from_filtered(ct_crop, f_shipped):
         g = guided_backprop(f_shipped, t, readout=readout)[:, 0].numpy()
         return feature_preservation(g[0], g[2]) - feature_preservation(g[0], g[1])
 
-    assert gap("gradient_energy") > 0.04
-    assert gap("energy") < 0.02  # why the default changed
+    new, old = gap("gradient_energy"), gap("energy")
+    # why the default changed: the energy readout's maps are mostly intensity, so noise barely moves
+    # its score (0.011 with the first shipped f, 0.033 with the real-data f; gradient_energy ~2x)
+    assert new > 0.04 and new > 1.5 * old, (new, old)
