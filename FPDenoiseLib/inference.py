@@ -42,11 +42,16 @@ _DIHEDRAL = [(0, False), (0, True), (1, False), (2, False), (3, False), (1, True
 
 
 def resources_dir() -> Path:
-    """The extension's ``Resources/`` folder (``FPDENOISE_RESOURCES`` overrides)."""
+    """The folder holding ``Models/`` and ``SampleData/`` (``FPDENOISE_RESOURCES`` overrides).
+
+    An installed wheel carries them inside the package (``FPDenoiseLib/Resources``, copied from the
+    top-level ``Resources/`` at build by ``setup.py``); a source checkout and the Slicer extension have
+    ``Resources/`` next to the ``FPDenoiseLib`` folder.
+    """
     env = os.environ.get("FPDENOISE_RESOURCES")
     candidates = [Path(env)] if env else []
     here = Path(__file__).resolve().parent
-    candidates += [here.parent / "Resources", here / "Resources", here.parent.parent / "Resources"]
+    candidates += [here / "Resources", here.parent / "Resources", here.parent.parent / "Resources"]
     for c in candidates:
         if (c / "Models").is_dir() or (c / "SampleData").is_dir():
             return c

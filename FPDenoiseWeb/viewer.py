@@ -26,18 +26,14 @@ import os
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 import shutil  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-# The Logic lives in the Slicer module folder (FPDenoise/FPDenoiseSlicerLib), as for the batch example.
-if str(REPO / "FPDenoise") not in sys.path:
-    sys.path.insert(0, str(REPO / "FPDenoise"))
-
+# The Logic lives in the Slicer module folder (FPDenoise/FPDenoiseSlicerLib); the package installs it as
+# the top-level package FPDenoiseSlicerLib (pyproject.toml package-dir), so no sys.path edit is needed.
 import slicer  # noqa: E402
 from FPDenoiseSlicerLib.logic import (  # noqa: E402
     LEFT_VIEW,
