@@ -259,9 +259,10 @@ def build_app(session, server=None):
                 v3.VDivider(classes="my-2")
                 html.Div("Simulate noise (ground truth = clean volume)", classes="text-caption")
                 v3.VSelect(v_model=("noise",), items=("noise_names", list(NOISE_CHOICES)), density="compact",
-                           hide_details=True)
-                v3.VSlider(v_model=("noise_level",), min=0.05, max=1.0, step=0.05, label="Level", density="compact",
-                           hide_details=True, thumb_label=True)
+                           hide_details=True, id="noise-select")
+                with html.Div(id="noise-level"):
+                    v3.VSlider(v_model=("noise_level",), min=0.05, max=1.0, step=0.05, label="Level",
+                               density="compact", hide_details=True, thumb_label=True)
                 v3.VBtn("Add noise", click=ctrl.add_noise, size="small", disabled=("!loaded_name || running",),
                         id="noise-btn")
                 v3.VDivider(classes="my-2")
