@@ -16,7 +16,12 @@ import qt
 import slicer
 import vtk
 from FPDenoiseSlicerLib.jobs import JobManager
-from FPDenoiseSlicerLib.logic import DEVICE_CHOICES, FPDenoiseMRMLLogic, missingDependencies
+from FPDenoiseSlicerLib.logic import (
+    DEVICE_CHOICES,
+    FPDenoiseMRMLLogic,
+    ensureLibraryImportable,
+    missingDependencies,
+)
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -26,6 +31,9 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+ensureLibraryImportable()  # FPDenoiseLib from a source checkout; display.py needs numpy only (no torch)
+from FPDenoiseLib.display import BACKGROUND_PERCENTILE  # noqa: E402
 
 NOISE_NAMES = (
     "gaussian", "poisson", "speckle", "noncentral_chi", "rician", "salt_pepper", "structured",
@@ -85,6 +93,8 @@ class FPDenoiseParameterNode:
     rightOverlay: Annotated[str, Choice(["feature change", "saliency"])] = "feature change"
     runInBackground: bool = True
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    # Saliency / feature-change voxels at or below this percentile of their map are not drawn.
+    backgroundPercentile: Annotated[float, WithinRange(0.0, 95.0)] = BACKGROUND_PERCENTILE
     noiseName: Annotated[str, Choice(list(NOISE_NAMES))] = "gaussian"
     noiseLevel: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     noiseSeed: int = 0
@@ -152,6 +162,7 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         self.ui.defaultModelButton.connect("clicked(bool)", self.onDefaultModelButton)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
+        self.ui.backgroundPercentileSlider.connect("valueChanged(double)", self.onBackgroundPercentileChanged)
         self.ui.sideBySideButton.connect("clicked(bool)", self.onSideBySideButton)
         self.ui.rightOverlayComboBox.connect("currentIndexChanged(int)", lambda _: self.onSideBySideButton())
         # Path fields are plain strings ("" = default model), synced by hand: the wrapper binds
@@ -231,6 +242,7 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     widget.currentPath = value
                     widget.blockSignals(wasBlocked)
             self.ui.modelLabel.text = p.modelPath or "shipped default model"
+            self.ui.legendLabel.text = self.logic.legendText(p.backgroundPercentile)
         running = "foreground" if self._foreground else (self._jobKind if self._job is not None else "")
         states = self.logic.actionStates(
             running,
@@ -331,6 +343,8 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.inputSaliency = result["inputSaliencyNode"]
         p.outputSaliency = result["outputSaliencyNode"]
         p.featureChange = result.get("featureChangeNode")
+        # The result is windowed with the default threshold; apply the slider's.
+        self.logic.rewindowOverlays(p.backgroundPercentile, p.inputSaliency, p.outputSaliency, p.featureChange)
         self.ui.fpScoreLabel.text = self.logic.scoreText(result["fpScore"])
         gt = self.logic.groundTruthFor(p.inputVolume)
         if gt is not None:
@@ -341,14 +355,19 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSideBySideButton(self) -> None:
         p = self._parameterNode
-        if p.outputSaliency is None and p.outputVolume is not None:
-            slicer.util.setSliceViewerLayers(background=p.outputVolume, fit=True)
+        if p is None:
             return
+        # Without saliency the overlays are None: input | output, linked, no foreground.
         right = p.featureChange if (p.rightOverlay == "feature change" and p.featureChange) else p.outputSaliency
         self.logic.showSideBySide(p.inputVolume, p.inputSaliency, p.outputVolume, right, p.overlayOpacity)
 
     def onOpacityChanged(self, value: float) -> None:
         self.logic.setOverlayOpacity(value)
+
+    def onBackgroundPercentileChanged(self, value: float) -> None:
+        p = self._parameterNode
+        if p is not None:  # the rule is FPDenoiseLib.display's, applied by the Logic
+            self.logic.rewindowOverlays(value, p.inputSaliency, p.outputSaliency, p.featureChange)
 
     def onDefaultModelButton(self) -> None:
         self._parameterNode.modelPath = ""

@@ -365,20 +365,19 @@ class ViewerSession:
     def set_threshold(self, percentile: float) -> None:
         """Hide each map's values at or below its ``percentile`` (0..99) as background, all overlays.
 
-        The window rule is :func:`FPDenoiseLib.display.saliency_window` (the Slicer module's): the two
-        saliency maps share one window, the feature change has its own.
+        The Slicer module's slider does the same through the same Logic method
+        (``rewindowOverlays``: :func:`FPDenoiseLib.display.saliency_window`, the two saliency maps on
+        one window, the feature change on its own).
         """
-        from FPDenoiseLib.display import saliency_window
-
         self.threshold = float(np.clip(percentile, 0.0, 99.0))
         if self.result is None or self.result["inputSaliencyNode"] is None:
             return
-        sal = [self.result[k] for k in ("inputSaliencyNode", "outputSaliencyNode")]
-        window = saliency_window(*(slicer.util.arrayFromVolume(n) for n in sal), background_percentile=self.threshold)
-        for node in sal:
-            self.logic.setSaliencyDisplay(node, window=window)
-        if self.result.get("featureChangeNode") is not None:
-            self.logic.setSaliencyDisplay(self.result["featureChangeNode"], backgroundPercentile=self.threshold)
+        self.logic.rewindowOverlays(
+            self.threshold,
+            self.result["inputSaliencyNode"],
+            self.result["outputSaliencyNode"],
+            self.result.get("featureChangeNode"),
+        )
         self._refresh()
 
     def _right_overlay_node(self):

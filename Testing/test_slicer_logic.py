@@ -176,6 +176,76 @@ def test_side_by_side_layout_overlays_and_opacity(logic, ct, checkpoint):
     assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode") == n == 2
 
 
+def _display_of(node):
+    d = node.GetDisplayNode()
+    return d.GetWindowLevelMin(), d.GetWindowLevelMax(), d.GetLowerThreshold(), d.GetApplyThreshold()
+
+
+def test_rewindow_overlays_follows_the_display_rule(logic, ct):
+    from FPDenoiseLib.display import BACKGROUND_PERCENTILE, saliency_window
+
+    rng = np.random.default_rng(3)
+    shape = (3, 40, 48)
+    # Heavy-tailed maps as |GB| is; the output's is weaker, the change smaller still (own window).
+    salIn = rng.exponential(1.0, shape).astype(np.float32) ** 3
+    salOut = (0.5 * rng.exponential(1.0, shape) ** 3).astype(np.float32)
+    change = np.abs(salIn - salOut) * np.float32(0.1)
+    nodes = [
+        slicer.util.addVolumeFromArray(a, ijkToRAS=_ijk_to_ras(), name=n)
+        for a, n in ((salIn, "sal in"), (salOut, "sal out"), (change, "change"))
+    ]
+    sIn, sOut, sChange = nodes
+    default = saliency_window(salIn, salOut)
+    for node in (sIn, sOut):
+        logic.setSaliencyDisplay(node, window=default)
+    logic.setSaliencyDisplay(sChange)
+    before = [_display_of(n) for n in nodes]
+
+    for pct in (20.0, 90.0, BACKGROUND_PERCENTILE):
+        windows = logic.rewindowOverlays(pct, sIn, sOut, sChange)
+        shared = saliency_window(salIn, salOut, background_percentile=pct)
+        own = saliency_window(change, background_percentile=pct)
+        assert windows["saliency"] == shared
+        assert windows["featureChange"].lo == pytest.approx(own.lo, rel=1e-5)
+        for node, w in ((sIn, shared), (sOut, shared), (sChange, own)):
+            lo, hi, threshold, applied = _display_of(node)
+            assert (lo, hi) == pytest.approx((w.lo, w.hi), rel=1e-5)
+            assert applied and w.lo < threshold <= w.lo * (1 + 1e-6) + 1e-30  # strictly above lo
+        # The fraction of voxels drawn is what the percentile says (shared window: over both maps).
+        for arrays, node in (((salIn, salOut), sIn), ((change,), sChange)):
+            drawn = np.mean(np.concatenate([a.ravel() for a in arrays]) >= _display_of(node)[2])
+            assert drawn == pytest.approx(1.0 - pct / 100.0, abs=0.005)
+        if pct == 20.0:
+            assert _display_of(sIn)[0] < before[0][0]  # a lower threshold really changed the display
+    # Back at the default the display is exactly as Apply left it.
+    np.testing.assert_allclose([_display_of(n) for n in nodes], before, rtol=1e-6)
+    # Missing overlays (Apply without saliency) are skipped.
+    assert logic.rewindowOverlays(50.0, None, None, None) == {"saliency": None, "featureChange": None}
+    assert "50th percentile" in logic.legendText(50.0)
+    assert f"{BACKGROUND_PERCENTILE:g}th percentile" in logic.legendText()
+
+
+def test_side_by_side_without_saliency_shows_input_and_output(logic, ct):
+    out = slicer.util.addVolumeFromArray(_ct_phantom(seed=1), ijkToRAS=_ijk_to_ras(), name="chest CT denoised")
+    views = logic.showSideBySide(ct, None, out, None, 0.5)
+    layout = logic.layoutNode()
+    assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    red, yellow = views["Red"], views["Yellow"]
+    assert red.GetBackgroundVolumeID() == ct.GetID()
+    assert yellow.GetBackgroundVolumeID() == out.GetID()
+    assert red.GetForegroundVolumeID() is None and yellow.GetForegroundVolumeID() is None
+    assert red.GetLinkedControl() and yellow.GetLinkedControl()
+    r = slicer.util.arrayFromVTKMatrix(logic.sliceNode("Red").GetSliceToRAS())
+    y = slicer.util.arrayFromVTKMatrix(logic.sliceNode("Yellow").GetSliceToRAS())
+    np.testing.assert_allclose(r, y)
+    assert not np.allclose(r[:3, :3], np.eye(3))  # aligned to the oblique volume
+    # Overlays from an earlier run with saliency are cleared, not left on top of the new result.
+    sal = slicer.util.addVolumeFromArray(np.ones((3, 40, 48), np.float32), ijkToRAS=_ijk_to_ras(), name="old saliency")
+    logic.showSideBySide(ct, sal, out, sal)
+    logic.showSideBySide(ct, None, out, None)
+    assert red.GetForegroundVolumeID() is None and yellow.GetForegroundVolumeID() is None
+
+
 def test_inferno_colour_node_bare_scene_and_slicer_inferno(logic):
     from FPDenoiseLib.display import colour_table
 

@@ -144,3 +144,73 @@ def test_icon_is_128_png():
 
     with Image.open(MODULE / "Resources" / "Icons" / "FPDenoise.png") as im:
         assert im.format == "PNG" and im.size == (128, 128)
+
+
+def _parameter_defaults() -> dict[str, str]:
+    tree = ast.parse(SCRIPT.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FPDenoiseParameterNode")
+    return {s.target.id: ast.unparse(s.value) for s in cls.body if isinstance(s, ast.AnnAssign) and s.value is not None}
+
+
+def _widget_method(name: str) -> ast.FunctionDef:
+    tree = ast.parse(SCRIPT.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FPDenoiseWidget")
+    return next(f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == name)
+
+
+def _calls(func: ast.AST) -> set[str]:
+    return {ast.unparse(n.func) for n in ast.walk(func) if isinstance(n, ast.Call)}
+
+
+def test_background_percentile_slider_is_one_value_everywhere():
+    from FPDenoiseLib.display import BACKGROUND_PERCENTILE
+
+    # Parameter node: default is the display rule's constant, range 0-95.
+    assert _parameter_fields()["backgroundPercentile"] == "Annotated[float, WithinRange(0.0, 95.0)]"
+    assert _parameter_defaults()["backgroundPercentile"] == "BACKGROUND_PERCENTILE"
+    assert "from FPDenoiseLib.display import BACKGROUND_PERCENTILE" in SCRIPT.read_text()
+    # The .ui slider bound to it shows the same range and default.
+    w = _ui_widgets()["backgroundPercentileSlider"]
+    props = {p.get("name"): p for p in w.findall("property")}
+    assert w.get("class") == "ctkSliderWidget"
+    assert props["SlicerParameterName"].findtext("string") == "backgroundPercentile"
+    assert float(props["minimum"].findtext("double")) == 0.0
+    assert float(props["maximum"].findtext("double")) == 95.0
+    assert float(props["value"].findtext("double")) == BACKGROUND_PERCENTILE
+    # Moving it re-windows through the Logic (no math in the widget).
+    handler = _widget_method("onBackgroundPercentileChanged")
+    assert "self.logic.rewindowOverlays" in _calls(handler)
+    assert not {c for c in _calls(handler) if "window" in c.lower() and not c.startswith("self.logic.")}
+    assert "np." not in ast.unparse(handler)
+    # Same default in the browser viewer and the words in the docs and the .ui legend.
+    viewer = (REPO / "FPDenoiseWeb" / "viewer.py").read_text()
+    assert "self.threshold = BACKGROUND_PERCENTILE" in viewer
+    words = f"{BACKGROUND_PERCENTILE:g}th percentile"
+    assert words in (REPO / "docs" / "slicer.md").read_text()
+    assert words in _ui_widgets()["legendLabel"].find("property").findtext("string")
+    assert "Hide background (percentile)" in (REPO / "docs" / "slicer.md").read_text()
+
+
+def test_side_by_side_also_without_saliency():
+    # The button always lays out input | output through the Logic (overlays may be None); it never
+    # falls back to showing the output alone.
+    calls = _calls(_widget_method("onSideBySideButton"))
+    assert "self.logic.showSideBySide" in calls
+    assert not any("setSliceViewerLayers" in c for c in calls)
+
+
+def test_extension_screenshot_shows_the_slicer_module():
+    root = (REPO / "CMakeLists.txt").read_text()
+    urls = re.search(r'set\(EXTENSION_SCREENSHOTURLS\s+"([^"]+)"\)', root).group(1).split()
+    assert urls
+    prefix = "https://raw.githubusercontent.com/fpdenoise/FPDenoise/main/"
+    for url in urls:
+        assert url.startswith(prefix), url
+        rel = url[len(prefix):]
+        # A Slicer-module screenshot (slicer_*.png, rendered from a slicer-core MRML scene), not the web viewer.
+        assert re.fullmatch(r"docs/screenshots/slicer_[\w-]+\.png", rel), rel
+        path = REPO / rel
+        assert path.is_file(), f"screenshot {rel} is not in the repository"
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", f"{rel} is not a PNG"
+        assert rel in (REPO / "docs" / "slicer.md").read_text(), f"docs/slicer.md does not say how {rel} was made"

@@ -32,6 +32,15 @@ _SIDE_BY_SIDE_XML = (
 )
 
 
+def _ordinal(value: float) -> str:
+    """``60`` -> ``"60th"``, ``1`` -> ``"1st"``, ``22.5`` -> ``"22.5th"``."""
+    text = f"{value:g}"
+    n = int(value)
+    if n != value or 10 <= n % 100 <= 20:
+        return text + "th"
+    return text + {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+
+
 class SliceDisplayMixin:
     """Colour node, saliency display, layout and slice views (see the module docstring)."""
 
@@ -108,6 +117,37 @@ class SliceDisplayMixin:
         display.SetInterpolate(False)
         saliencyNode.SetAttribute("FPDenoise.DisplayWindow", f"{window.lo:.6g} {window.hi:.6g} {window.gamma:g}")
 
+    def rewindowOverlays(
+        self,
+        backgroundPercentile: float,
+        inputSaliencyNode=None,
+        outputSaliencyNode=None,
+        featureChangeNode=None,
+    ) -> dict:
+        """Show the existing overlays with another background threshold (the module's slider).
+
+        ``backgroundPercentile``: the percentile of each map at or below which voxels are transparent
+        (:data:`FPDenoiseLib.display.BACKGROUND_PERCENTILE` by default in the module). The rule is
+        :func:`FPDenoiseLib.display.saliency_window`, as at Apply: the two saliency maps share one window
+        (equal colour = equal saliency left and right), the feature change has its own. Missing nodes
+        (None, e.g. Apply without saliency) are skipped. Returns ``{"saliency": DisplayWindow or None,
+        "featureChange": DisplayWindow or None}``.
+        """
+        from FPDenoiseLib.display import saliency_window
+
+        pct = float(backgroundPercentile)
+        saliency = [n for n in (inputSaliencyNode, outputSaliencyNode) if n is not None]
+        windows = {"saliency": None, "featureChange": None}
+        if saliency:
+            window = saliency_window(*(slicer.util.arrayFromVolume(n) for n in saliency), background_percentile=pct)
+            for node in saliency:
+                self.setSaliencyDisplay(node, window=window)
+            windows["saliency"] = window
+        if featureChangeNode is not None:
+            self.setSaliencyDisplay(featureChangeNode, backgroundPercentile=pct)
+            windows["featureChange"] = self.displayWindowOf(featureChangeNode)
+        return windows
+
     @staticmethod
     def scoreText(fpScore: float | None) -> str:
         """The feature score with its one-line meaning, for the module panel and the viewer."""
@@ -116,13 +156,17 @@ class SliceDisplayMixin:
         return feature_score_text(fpScore)
 
     @staticmethod
-    def legendText() -> str:
-        """One-line colour legend of the overlays (the module panel shows it under the overlay choice)."""
+    def legendText(backgroundPercentile: float | None = None) -> str:
+        """One-line colour legend of the overlays (the module panel shows it under the overlay choice).
+
+        ``backgroundPercentile``: the threshold in use (default :data:`FPDenoiseLib.display.BACKGROUND_PERCENTILE`).
+        """
         from FPDenoiseLib.display import BACKGROUND_PERCENTILE
 
+        pct = BACKGROUND_PERCENTILE if backgroundPercentile is None else float(backgroundPercentile)
         return (
-            "Inferno colours: dark purple = low, orange = mid, pale yellow = high; the lowest "
-            f"{BACKGROUND_PERCENTILE:g} % of each map (background) is not drawn. Feature change = "
+            "Inferno colours: dark purple = low, orange = mid, pale yellow = high; values at or below "
+            f"the {_ordinal(pct)} percentile of each map (background) are not drawn. Feature change = "
             "|GB(denoised) - GB(input)|: bright where denoising changed structure."
         )
 
@@ -176,6 +220,9 @@ class SliceDisplayMixin:
         """Side-by-side layout of two linked slice views: left (Red) the input with its saliency overlay,
         right (Yellow) the denoised volume with its overlay, both aligned to the volume's planes.
 
+        The overlays may be None (Apply without saliency): then the views show input | output with no
+        foreground layer, still linked and aligned.
+
         Returns ``{"Red": compositeNode, "Yellow": compositeNode}``.
         """
         layout = self.layoutNode()
@@ -196,10 +243,11 @@ class SliceDisplayMixin:
             views[viewName] = comp
         # Same orientation in both views (Yellow is sagittal by default in Slicer's 4-up layout).
         left, right = self.sliceNode(LEFT_VIEW), self.sliceNode(RIGHT_VIEW)
-        if inputNode is not None:
+        reference = inputNode if inputNode is not None else outputNode
+        if reference is not None:
             if left.HasSliceOrientationPreset("Axial"):
                 left.SetOrientation("Axial")
-            left.RotateToVolumePlane(inputNode)
+            left.RotateToVolumePlane(reference)
             right.GetSliceToRAS().DeepCopy(left.GetSliceToRAS())
             right.SetFieldOfView(*left.GetFieldOfView())
             right.UpdateMatrices()
