@@ -202,7 +202,7 @@ def build_bank(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 # ---------------------------------------------------------------- loop
-class Progress:
+class ProgressBar:
     """tqdm bar on stderr, or ``PROGRESS done total message`` lines on stdout (for GUIs)."""
 
     def __init__(self, total: int, desc: str, lines: bool, enabled: bool = True) -> None:
@@ -273,7 +273,7 @@ def _run_stage(
         sched.load_state_dict(resume_state["scheduler"])
         start = int(resume_state["step"])
     sch = BatchSchedule(n_bank, cfg.batch_size, cfg.seed)
-    bar = Progress(steps, role, progress_lines, enabled=rank == 0)
+    bar = ProgressBar(steps, role, progress_lines, enabled=rank == 0)
     bar.update(start)
     t0 = time.time()
     model.train()

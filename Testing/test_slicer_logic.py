@@ -405,7 +405,7 @@ def test_progress_line_parser():
     assert (p.done, p.total, p.message, p.fraction) == (3, 10, "stage 2: step 3", 0.3)
     assert process.parse_progress_line("PROGRESS 0 0").fraction == 0.0
     tq = "denoise:  45%|####5     | 45/100 [00:01<00:02, 30.0it/s]"
-    assert process.parse_progress_line(tq) == process.Progress(45, 100, "denoise")
+    assert process.parse_progress_line(tq) == process.ProgressLine(45, 100, "denoise")
     # several carriage-return separated tqdm refreshes in one chunk: the last one wins
     assert process.parse_progress_line(" 10%|#   | 1/10 [00:00<?]\r 20%|##  | 2/10 [00:00<00:01]").done == 2
     for junk in ("", "loading checkpoint", "PROGRESS x y", "error: 100%|broken"):

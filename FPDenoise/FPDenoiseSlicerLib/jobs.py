@@ -34,7 +34,7 @@ from typing import Any
 
 import slicer
 
-from .process import BackgroundJob, Progress
+from .process import BackgroundJob, ProgressLine
 
 log = logging.getLogger("FPDenoise")
 
@@ -149,7 +149,7 @@ class JobManager:
             return None
         return self.finish(job, **nodes)
 
-    def progress(self, job: ModuleJob) -> Progress | None:
+    def progress(self, job: ModuleJob) -> ProgressLine | None:
         return job.process.progress
 
     def finish(self, job: ModuleJob, **nodes) -> JobOutcome:

@@ -30,7 +30,7 @@ _TQDM_RE = re.compile(r"^\s*(?:(?P<desc>.*?):\s*)?\d+%\|.*?\|\s*(?P<done>\d+)/(?
 
 
 @dataclass(frozen=True)
-class Progress:
+class ProgressLine:
     """One parsed progress report: ``done`` of ``total`` steps, with a short message."""
 
     done: int
@@ -43,14 +43,14 @@ class Progress:
         return min(1.0, max(0.0, self.done / self.total)) if self.total > 0 else 0.0
 
 
-def parse_progress_line(line: str) -> Progress | None:
-    """Parse one output line into a :class:`Progress`, or ``None`` if it is not a progress line.
+def parse_progress_line(line: str) -> ProgressLine | None:
+    """Parse one output line into a :class:`ProgressLine`, or ``None`` if it is not a progress line.
 
     Accepts ``PROGRESS <done> <total> [message]`` and tqdm bars; a line holding several
     carriage-return separated tqdm updates yields the last one.
 
     >>> parse_progress_line("PROGRESS 3 10 stage 2: step 3")
-    Progress(done=3, total=10, message='stage 2: step 3')
+    ProgressLine(done=3, total=10, message='stage 2: step 3')
     >>> parse_progress_line("train:  45%|####5     | 45/100 [00:01<00:02, 30.0it/s]").done
     45
     >>> parse_progress_line("loading checkpoint") is None
@@ -62,10 +62,10 @@ def parse_progress_line(line: str) -> Progress | None:
             continue
         m = _PROGRESS_RE.match(part)
         if m:
-            return Progress(int(m.group(1)), int(m.group(2)), (m.group(3) or "").strip())
+            return ProgressLine(int(m.group(1)), int(m.group(2)), (m.group(3) or "").strip())
         m = _TQDM_RE.match(part)
         if m:
-            return Progress(int(m.group("done")), int(m.group("total")), (m.group("desc") or "").strip())
+            return ProgressLine(int(m.group("done")), int(m.group("total")), (m.group("desc") or "").strip())
     return None
 
 
@@ -159,7 +159,7 @@ class BackgroundJob:
     ``launcher`` starts the process from an argument list and returns a ``subprocess.Popen`` with
     text ``stdout`` (stderr merged), e.g. ``slicer.util.launchConsoleProcess`` inside Slicer; the
     default is an equivalent ``subprocess.Popen``. Call :meth:`poll` regularly (a ``qt.QTimer`` in
-    the widget): it returns the lines read since the last call, the latest :class:`Progress`, and the
+    the widget): it returns the lines read since the last call, the latest :class:`ProgressLine`, and the
     exit code once the process has ended and all output was read.
 
     >>> job = BackgroundJob([sys.executable, "-c", "print('PROGRESS 1 2 half')"])
@@ -179,7 +179,7 @@ class BackgroundJob:
     ) -> None:
         self.args = [str(a) for a in args]
         self.lines: list[str] = []  # all output lines, for the error message / log
-        self.progress: Progress | None = None
+        self.progress: ProgressLine | None = None
         self.cancelled = False
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._finished_reading = False
@@ -208,7 +208,7 @@ class BackgroundJob:
         finally:
             self._queue.put(None)
 
-    def poll(self) -> tuple[list[str], Progress | None, int | None]:
+    def poll(self) -> tuple[list[str], ProgressLine | None, int | None]:
         """Drain the queue without blocking: ``(new_lines, latest_progress, returncode_or_None)``."""
         new: list[str] = []
         while True:
