@@ -553,12 +553,13 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
 
     def exportVolumesForTraining(self, volumeNodes: Sequence, folder: str | os.PathLike) -> list[Path]:
         """Write clean training volumes as NRRD files into ``folder`` (the library's data loader reads it)."""
+        from FPDenoiseLib.batch import safe_name
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for i, node in enumerate(volumeNodes):
-            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in node.GetName()) or "volume"
-            paths.append(self.saveVolume(node, folder / f"{i:03d}_{safe}.nrrd"))
+            paths.append(self.saveVolume(node, folder / f"{i:03d}_{safe_name(node.GetName(), 'volume')}.nrrd"))
         return paths
 
     def trainingCommand(
