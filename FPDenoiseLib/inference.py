@@ -24,10 +24,11 @@ import torch
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .device import pick_device
+from .display import feature_change as display_feature_change  # `feature_change` is a process() flag
 from .errors import InputError
 from .intensity import DEFAULT_POLICY, Normalizer, cast_like
 from .models import ResUNet
-from .xai import DEFAULT_READOUT, guided_backprop, saliency_for_display
+from .xai import DEFAULT_READOUT, guided_backprop
 
 ProgressCallback = Callable[[int, int], None]  # progress(done, total)
 DEFAULT_MODEL_NAME = "fpdenoise_default.pt"
@@ -191,9 +192,6 @@ class Denoiser:
             raise InputError(f"{self.checkpoint_path}: checkpoint has no restoration network; saliency unavailable")
         return guided_backprop(self.restoration, self._tensor(x), readout=self.readout)[:, 0].float().cpu().numpy()
 
-    def _gb(self, x: np.ndarray) -> np.ndarray:
-        return saliency_for_display(torch.from_numpy(self._gb_signed(x))).numpy()
-
     def _map_stack(self, x: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         a = _check_array(x).astype(np.float32, copy=False)
         stack = a[None] if a.ndim == 2 else a
@@ -208,9 +206,7 @@ class Denoiser:
 
     def feature_change_normalized(self, output: np.ndarray, reference: np.ndarray) -> np.ndarray:
         """``|GB(output) - GB(reference)|`` (signed maps subtracted) for images in the normalised range."""
-        from .display import feature_change
-
-        return feature_change(self._map_stack(output, self._gb_signed), self._map_stack(reference, self._gb_signed))
+        return display_feature_change(self._map_stack(output, self._gb_signed), self._map_stack(reference, self._gb_signed))
 
     # ---- original-units API ----
     def normalizer(self, array: np.ndarray, modality: str | None) -> Normalizer:
@@ -255,7 +251,7 @@ class Denoiser:
                     g_out = self._gb_signed(y)
                     sal_out[sl] = np.abs(g_out)
                     if change is not None:
-                        change[sl] = np.abs(g_out - g_in)
+                        change[sl] = display_feature_change(g_out, g_in)
             done = sl.stop
             if progress is not None:
                 progress(done, n)

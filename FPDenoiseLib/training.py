@@ -81,12 +81,12 @@ class TrainConfig:
     max_slices_per_volume: int | None = 64
     name: str | None = None
     save_dtype: str = "float32"  # "float16" halves the shipped file
+    amp: str = "off"  # "bf16": autocast mixed precision (GPU runs; weights and optimiser stay float32)
+    readout: str = DEFAULT_READOUT  # what GB explains (see FPDenoiseLib.xai.READOUTS)
     # Noise-aware denoisers (arch "resunet"): fraction of samples left clean (the identity must be
     # learned exactly, not only approximately at small levels), fraction of samples fed the true
     # local noise map instead of the estimator's (so the map input, and hence --strength, has a
     # meaning), and the weight of the estimator's L1 loss against the true map.
-    amp: str = "off"  # "bf16": autocast mixed precision (GPU runs; weights and optimiser stay float32)
-    readout: str = DEFAULT_READOUT  # what GB explains (see FPDenoiseLib.xai.READOUTS)
     zero_level_prob: float = 0.0
     true_map_prob: float = 0.5
     map_weight: float = 0.1
