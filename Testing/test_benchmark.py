@@ -223,3 +223,17 @@ def test_bad_inputs(setup, tmp_path):
         run_benchmark(setup["data"], tmp_path / "x", noises=["gaussian"], methods=["drunet"], progress=False)
     assert cli_main(["benchmark", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
                      "--methods", "median", "--noises", "gaussian"]) == 2
+
+
+def test_shipped_twin_is_the_default_mse_only_baseline():
+    from FPDenoiseLib.benchmark import _load_methods
+    from FPDenoiseLib.inference import default_twin_path
+
+    learned, methods, _, _ = _load_methods(None, [], ["ours", "mse_only", "noisy"], "cpu")
+    assert learned["mse_only"].checkpoint_path == default_twin_path()
+    assert learned["mse_only"].ckpt["training"]["loss"] == "mse" and "mse_only" in methods
+    # an explicit --model is the user's own experiment: no shipped twin is slipped in
+    learned, methods, _, _ = _load_methods(None, [], None, "cpu")
+    assert "mse_only" in learned
+    learned, _, _, _ = _load_methods(default_twin_path(), [], None, "cpu")
+    assert "mse_only" not in learned

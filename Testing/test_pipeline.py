@@ -199,3 +199,70 @@ def test_shipped_model_raises_psnr_on_sample_for_gaussian_noise():
     rng = float(arr.max() - arr.min())
     gain = psnr(arr, den, data_range=rng) - psnr(arr, noisy, data_range=rng)
     assert gain > 3.0, gain
+
+
+# ---------------------------------------------------------------- noise-aware ResUNet
+def test_resunet_gate_is_exact_identity_where_the_map_is_zero():
+    from FPDenoiseLib.models import ResUNet
+
+    torch.manual_seed(0)
+    net = ResUNet(channels=(4, 8, 8, 8), blocks=1).eval()
+    torch.nn.init.normal_(net.tail.weight, std=0.1)  # a non-trivial correction R
+    x = torch.rand(2, 1, 40, 56)
+    with torch.no_grad():
+        assert torch.equal(net(x, noise_map=torch.zeros_like(x)), x)
+        m = torch.zeros_like(x)
+        m[..., :, 28:] = 0.05  # noise only on the right half: only the right half changes
+        y = net(x, noise_map=m)
+    assert torch.equal(y[..., :28], x[..., :28])
+    assert not torch.equal(y[..., 28:], x[..., 28:])
+
+
+def test_resunet_teacher_mask_picks_the_true_map_per_sample():
+    from FPDenoiseLib.models import ResUNet
+
+    torch.manual_seed(1)
+    net = ResUNet(channels=(4, 8, 8, 8), blocks=1).eval()
+    torch.nn.init.normal_(net.tail.weight, std=0.1)
+    x = torch.rand(2, 1, 32, 32)
+    true_map = torch.full_like(x, 0.08)
+    with torch.no_grad():
+        out, est = net(x, noise_map=true_map, teacher_mask=torch.tensor([True, False]), return_map=True)
+        assert torch.allclose(out[:1], net(x[:1], noise_map=true_map[:1]), atol=1e-6)  # teacher: true map
+        assert torch.allclose(out[1:], net(x[1:]), atol=1e-6)  # student: its own estimate
+        assert torch.allclose(est, net.estimate_noise(x), atol=1e-6)  # the estimate is returned for its loss
+
+
+def test_zero_level_fraction_leaves_samples_clean():
+    from FPDenoiseLib.training import _noise_fn
+
+    batch = np.random.default_rng(0).random((6, 1, 16, 16)).astype(np.float32)
+    assert np.array_equal(_noise_fn(["gaussian"], (0.5, 0.5), zero_prob=1.0)(batch, np.random.default_rng(1)), batch)
+    assert not np.array_equal(_noise_fn(["gaussian"], (0.5, 0.5))(batch, np.random.default_rng(1)), batch)
+
+
+def test_resunet_training_trains_the_estimator_and_records_its_loss(tmp_path):
+    cfg = _cfg(tmp_path, arch="resunet", loss="mse", steps=12, restoration_steps=4, val_every=12, ckpt_every=12,
+               zero_level_prob=0.25, amp="bf16")  # bf16 autocast also runs on CPU
+    ck = load_checkpoint(train(cfg))
+    D = model_from_checkpoint(ck, "denoiser")
+    assert ck["models"]["denoiser"]["config"]["arch"] == "resunet"
+    assert ck["training"]["readout"] == "gradient_energy" and ck["training"]["amp"] == "bf16"
+    last = [h for h in ck["training"]["history"] if h["stage"] == "denoiser"][-1]
+    assert last["map"] > 0  # the estimator's L1 against the true local noise map is part of the loss
+    torch.manual_seed(cfg.seed + 1)
+    from FPDenoiseLib.models import build_model
+
+    untrained = build_model(cfg.model_config("denoiser"))
+    def moved(est: torch.nn.Module) -> list[str]:
+        ref = untrained.estimator.state_dict()
+        return [k for k, v in est.state_dict().items() if not torch.equal(v, ref[k])]
+
+    assert moved(D.estimator)  # trained by the map loss
+    # ...and only by it: without the map loss the estimator keeps its initial weights (the map that
+    # reaches the denoiser is detached), which also shows `untrained` is the run's true start
+    ck0 = load_checkpoint(train(_cfg(tmp_path, out=str(tmp_path / "nomap.pt"), arch="resunet", loss="mse", steps=12,
+                                     restoration_steps=4, val_every=12, ckpt_every=12, map_weight=0.0)))
+    assert moved(model_from_checkpoint(ck0, "denoiser").estimator) == []
+    with pytest.raises(InputError, match="amp"):
+        train(_cfg(tmp_path, out=str(tmp_path / "bad.pt"), amp="fp8"))
