@@ -213,6 +213,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         zero_level_prob=args.zero_level_prob,
         true_map_prob=args.true_map_prob,
         amp=args.amp,
+        workers=args.workers,
     )
     path = train(cfg, resume=args.resume, progress_lines=args.progress_lines, print_digest=args.print_weight_digest)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
@@ -433,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoiser: unet (paper), drunet, resunet (fast noise-aware, the shipped default)")
     p.add_argument("--amp", default="off", choices=["off", "bf16"],
                    help="bf16 autocast (GPU: ~2x faster; CPU: supported, rarely faster)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes that synthesise the noisy batches (Linux; same batches as 0, sooner)")
     p.add_argument("--zero-level-prob", type=float, default=0.0, help="fraction of clean (level 0) samples")
     p.add_argument("--true-map-prob", type=float, default=0.5,
                    help="resunet: fraction of samples given the true noise map instead of the estimate")

@@ -36,6 +36,8 @@ SeedLike = Union[int, np.random.Generator, None]  # noqa: UP007
 __all__ = [
     "Slice",
     "load_clean_slices",
+    "save_slice_pack",
+    "load_slice_pack",
     "slices_from_image",
     "PatchSampler",
     "FixedPatchSet",
@@ -153,8 +155,6 @@ def load_clean_slices(
     >>> slices[0].array.dtype, slices[0].modality                                       # doctest: +SKIP
     (dtype('float32'), 'CT')
     """
-    from . import io as fio  # late: io imports heavy readers
-
     items = [paths_or_folder] if isinstance(paths_or_folder, (str, os.PathLike)) else list(paths_or_folder)
     if not items:
         raise InputError("no training data paths given")
@@ -163,7 +163,11 @@ def load_clean_slices(
         p = Path(it)
         if not p.exists():
             raise InputError(f"{p}: training data path does not exist")
-        if p.is_dir():
+        if p.name.endswith(PACK_SUFFIX):
+            targets.append((p, True))
+        elif p.is_dir():
+            from . import io as fio  # late: io imports heavy readers (a pack needs none)
+
             found = sorted(Path(f) for f in fio.find_images(p))
             targets += [(f, False) for f in found]
         else:
@@ -171,6 +175,11 @@ def load_clean_slices(
     slices: list[Slice] = []
     skipped: list[str] = []
     for path, explicit in targets:
+        if path.name.endswith(PACK_SUFFIX):
+            slices += load_slice_pack(path)
+            continue
+        from . import io as fio
+
         try:
             img = fio.read_image(path)
         except InputError as err:
@@ -225,6 +234,48 @@ def _augment(p: np.ndarray, rot: int, flip: int) -> np.ndarray:
 def _check_slices(slices: Sequence[Slice]) -> None:
     if len(slices) == 0:
         raise InputError("no training slices given to the patch sampler")
+
+
+#: File-name ending of a slice pack (:func:`save_slice_pack`).
+PACK_SUFFIX = ".slices.npz"
+
+
+def save_slice_pack(slices: Sequence[Slice], path: str | os.PathLike) -> Path:
+    """Write already-normalised slices to one compressed ``*.slices.npz`` (float16, order kept).
+
+    A pack carries a training corpus to a machine that has no image readers (a GPU box without
+    SimpleITK or pydicom): ``load_clean_slices([pack])`` returns the same slices in the same order,
+    so ``build_bank`` cuts the same patches (values rounded to float16, about 1e-3 relative).
+
+    >>> save_slice_pack(load_clean_slices("data/real/train", max_slices_per_volume=64), "corpus.slices.npz")  # doctest: +SKIP
+    """
+    import json
+
+    from .io.atomic import atomic_path
+
+    path = Path(path)
+    if not path.name.endswith(PACK_SUFFIX):
+        raise InputError(f"{path}: a slice pack's name must end in {PACK_SUFFIX}")
+    if not slices:
+        raise InputError("no slices to pack")
+    meta = [{"source": s.source, "index": s.index, "modality": s.modality, "patient": s.patient} for s in slices]
+    arrays = {f"s{i:05d}": np.asarray(s.array, dtype=np.float16) for i, s in enumerate(slices)}
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+    return path
+
+
+def load_slice_pack(path: str | os.PathLike) -> list[Slice]:
+    """Read a pack written by :func:`save_slice_pack` (float32 arrays, no normaliser)."""
+    import json
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            return [Slice(z[f"s{i:05d}"].astype(np.float32), m["source"], int(m["index"]), m["modality"],
+                          None, m.get("patient")) for i, m in enumerate(meta)]
+    except (OSError, KeyError, ValueError) as err:
+        raise InputError(f"{path}: not a readable slice pack ({err})") from err
 
 
 class PatchSampler:

@@ -90,6 +90,7 @@ class TrainConfig:
     zero_level_prob: float = 0.0
     true_map_prob: float = 0.5
     map_weight: float = 0.1
+    workers: int = 0  # DataLoader processes synthesising noise (GPU runs: the CPU side is the bottleneck)
 
     def model_config(self, role: str) -> dict:
         if self.arch == "resunet" and role == "denoiser":
@@ -247,13 +248,40 @@ def _validate(model: nn.Module, val: np.ndarray, noise: Callable, seed: int, dev
     return {"psnr": float(np.mean(ps)), "ssim": float(np.mean(ss)), "psnr_noisy": float(np.mean(ps0))}
 
 
+class _StepBatches(torch.utils.data.Dataset):
+    """Item ``i`` is the batch of step ``start + i``: noise synthesis (numpy, CPU) in workers."""
+
+    def __init__(self, make_batch: Callable[[int], object], start: int, stop: int) -> None:
+        self.make_batch, self.start, self.n = make_batch, start, max(0, stop - start)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> object:
+        return self.make_batch(self.start + i)
+
+
+def _batches(make_batch: Callable[[int], object], start: int, stop: int, workers: int, device: torch.device):
+    """Batches of steps ``start..stop-1`` in order. Each is a pure function of its step, so worker
+    processes give exactly the batches of the in-process loop (``workers=0``), only sooner."""
+    import multiprocessing as mp
+
+    if workers <= 0 or "fork" not in mp.get_all_start_methods():
+        return (make_batch(s) for s in range(start, stop))
+    loader = torch.utils.data.DataLoader(
+        _StepBatches(make_batch, start, stop), batch_size=None, shuffle=False, num_workers=workers,
+        prefetch_factor=4, pin_memory=device.type == "cuda", multiprocessing_context="fork",
+    )
+    return iter(loader)
+
+
 def _run_stage(
     role: str,
     model: nn.Module,
     cfg: TrainConfig,
     steps: int,
-    step_fn: Callable[[np.ndarray, np.random.Generator], torch.Tensor],
-    n_bank: int,
+    make_batch: Callable[[int], object],
+    step_fn: Callable[[object, nn.Module], tuple[torch.Tensor, dict]],
     save: Callable[[int, dict], None],
     resume_state: dict | None,
     device: torch.device,
@@ -272,16 +300,13 @@ def _run_stage(
         opt.load_state_dict(resume_state["optimizer"])
         sched.load_state_dict(resume_state["scheduler"])
         start = int(resume_state["step"])
-    sch = BatchSchedule(n_bank, cfg.batch_size, cfg.seed)
     bar = ProgressBar(steps, role, progress_lines, enabled=rank == 0)
     bar.update(start)
     t0 = time.time()
     model.train()
-    for step in range(start, steps):
-        rng = np.random.default_rng([cfg.seed, rank, step, 1 if role == "denoiser" else 0])
-        idx = sch.indices(step)
+    for step, batch in zip(range(start, steps), _batches(make_batch, start, steps, cfg.workers, device)):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-            loss, parts = step_fn(idx, rng, wrapped)
+            loss, parts = step_fn(batch, wrapped)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -406,12 +431,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
     run_restoration = cfg.stage in ("restoration", "both") and not (state and state.get("stage") == "denoiser")
     if run_restoration and restoration_steps > 0:
 
-        def step_rest(idx: np.ndarray, rng: np.random.Generator, net: nn.Module):
-            x = bank[torch.from_numpy(idx).to(device)]
+        sch_rest = BatchSchedule(len(bank), cfg.batch_size, cfg.seed)
+
+        def step_rest(idx: np.ndarray, net: nn.Module):
+            x = bank[torch.as_tensor(idx).to(device)]
             loss = (net(x) - x).pow(2).mean()
             return loss, {"total": float(loss.detach())}
 
-        _run_stage("restoration", f, cfg, restoration_steps, step_rest, len(bank), saver({"restoration": f}),
+        _run_stage("restoration", f, cfg, restoration_steps, sch_rest.indices, step_rest, saver({"restoration": f}),
                    state, device, None, progress_lines, history)
         state = None
 
@@ -431,15 +458,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
 
         noise_aware = isinstance(D, ResUNet)
 
-        def step_den(idx: np.ndarray, rng: np.random.Generator, net: nn.Module):
-            ti = torch.from_numpy(idx).to(device)
+        sch_den = BatchSchedule(len(bank), cfg.batch_size, cfg.seed)
+
+        def make_den_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            # numpy only: runs in DataLoader workers (--workers) as well as in-process
+            rng = np.random.default_rng([cfg.seed, rank, step, 1])
+            idx = sch_den.indices(step)
+            noisy = noise(bank_np[idx], rng)
+            teacher = rng.random(len(idx)) < cfg.true_map_prob
+            return torch.from_numpy(idx), torch.from_numpy(noisy), torch.from_numpy(teacher)
+
+        def step_den(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], net: nn.Module):
+            ti = batch[0].to(device)
             clean = bank[ti]
-            noisy = torch.from_numpy(noise(bank_np[idx], rng)).to(device)
+            noisy = batch[1].to(device, non_blocking=True)
             gb = None if gb_bank is None else gb_bank[ti]
             if not noise_aware:
                 return loss_fn(net(noisy), noisy, clean, gb)
             target = local_noise_map(noisy - clean)
-            teacher = torch.from_numpy(rng.random(len(idx)) < cfg.true_map_prob).to(device)
+            teacher = batch[2].to(device)
             den, est = net(noisy, noise_map=target, teacher_mask=teacher, return_map=True)
             loss, parts = loss_fn(den, noisy, clean, gb)
             map_loss = (est - target).abs().mean()
@@ -448,7 +485,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
             return loss, parts
 
         models = {"denoiser": D, "restoration": f}
-        _run_stage("denoiser", D, cfg, cfg.steps, step_den, len(bank), saver(models), state, device,
+        _run_stage("denoiser", D, cfg, cfg.steps, make_den_batch, step_den, saver(models), state, device,
                    lambda: _validate(D, val_np, val_noise, cfg.seed, device), progress_lines, history)
         final_models = models
     else:
