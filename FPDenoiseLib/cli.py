@@ -214,6 +214,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         true_map_prob=args.true_map_prob,
         amp=args.amp,
         workers=args.workers,
+        residual_gate=args.residual_gate,
+        impulse_filter=args.impulse_filter,
     )
     path = train(cfg, resume=args.resume, progress_lines=args.progress_lines, print_digest=args.print_weight_digest)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
@@ -434,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoiser: unet (paper), drunet, resunet (fast noise-aware, the shipped default)")
     p.add_argument("--amp", default="off", choices=["off", "bf16"],
                    help="bf16 autocast (GPU: ~2x faster; CPU: supported, rarely faster)")
+    p.add_argument("--residual-gate", type=float, default=40.0,
+                   help="resunet: the correction is scaled by tanh(GATE * noise map); larger = full strength at lower noise")
+    p.add_argument("--impulse-filter", action="store_true",
+                   help="resunet: replace isolated salt & pepper pixels by a local median before the network")
     p.add_argument("--workers", type=int, default=0,
                    help="processes that synthesise the noisy batches (Linux; same batches as 0, sooner)")
     p.add_argument("--zero-level-prob", type=float, default=0.0, help="fraction of clean (level 0) samples")

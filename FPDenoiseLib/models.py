@@ -242,6 +242,70 @@ def local_noise_map(noise: torch.Tensor, radius: float = 2.0) -> torch.Tensor:
     return e.clamp_min(0).sqrt()
 
 
+def impulse_mask(
+    x: torch.Tensor, *, tol: float = 1e-3, threshold: float = 0.03, max_neighbours: int = 2,
+    min_fraction: float = 2e-3,
+) -> torch.Tensor:
+    """Isolated salt & pepper pixels of ``x`` (N,1,H,W, normalised units) as a bool mask.
+
+    A pixel is an impulse when it sits at its image's extreme value (its min or max within ``tol``:
+    where dead or saturated detector elements and salt & pepper put it), at most ``max_neighbours`` of its 8 neighbours
+    share that extreme (clipped air, saturated metal and bright bone come in clusters), and it
+    differs from its 3x3 median by more than ``threshold``. An image where fewer than
+    ``min_fraction`` of the pixels qualify gets no mask at all: a clean image's single brightest
+    pixel is anatomy, not noise.
+
+    >>> x = torch.full((1, 1, 32, 32), 0.4); x[0, 0, ::4, ::4] = 1.0
+    >>> int(impulse_mask(x).sum())
+    64
+    """
+    n = x.shape[0]
+    flat = x.detach().flatten(1)
+    lo, hi = flat.min(1).values.view(n, 1, 1, 1), flat.max(1).values.view(n, 1, 1, 1)
+    xd = x.detach()
+    ones = torch.ones(1, 1, 3, 3, dtype=xd.dtype, device=xd.device)
+    cand = torch.zeros_like(xd, dtype=torch.bool)
+    for at in (xd >= hi - tol, xd <= lo + tol):
+        a = at.to(xd.dtype)
+        neighbours = F.conv2d(F.pad(a, (1, 1, 1, 1)), ones) - a
+        cand |= at & (neighbours <= max_neighbours)
+    keep = cand.flatten(1).float().mean(1) >= min_fraction
+    if not bool(keep.any()):
+        return torch.zeros_like(cand)
+    cand &= keep.view(n, 1, 1, 1)
+    at = cand.nonzero(as_tuple=True)
+    cand[at] = (xd[at] - _window_values(xd, at, 3).median(dim=1).values).abs() > threshold
+    keep = cand.flatten(1).float().mean(1) >= min_fraction
+    return cand & keep.view(n, 1, 1, 1)
+
+
+def _window_values(x: torch.Tensor, at: tuple[torch.Tensor, ...], size: int) -> torch.Tensor:
+    """(k, size*size) values of the ``size`` x ``size`` windows (edge-replicated) around the
+    pixels ``at`` (a ``nonzero(as_tuple=True)`` of an (N,1,H,W) mask): only where needed."""
+    h, w = x.shape[-2:]
+    r = torch.arange(-(size // 2), size // 2 + 1, device=x.device)
+    ys = (at[2][:, None, None] + r[None, :, None]).clamp(0, h - 1)
+    xs = (at[3][:, None, None] + r[None, None, :]).clamp(0, w - 1)
+    return x[at[0][:, None, None], at[1][:, None, None], ys, xs].flatten(1)
+
+
+def replace_impulses(x: torch.Tensor, mask: torch.Tensor, size: int = 5, passes: int = 3) -> torch.Tensor:
+    """``x`` with the ``mask`` pixels replaced by the median of the unmasked pixels around them
+    (``size`` x ``size``): a switching median, which leaves every other pixel untouched. A
+    later pass catches the impulses that dense noise had hidden in clusters."""
+    for i in range(passes):
+        if i:  # the image is known to carry impulses: no minimum count now
+            mask = impulse_mask(x, min_fraction=0.0)
+        if not bool(mask.any()):
+            return x
+        at = mask.nonzero(as_tuple=True)
+        v = torch.where(mask, torch.full_like(x, float("nan")), x)
+        med = _window_values(v, at, size).nanmedian(dim=1).values
+        med = torch.where(torch.isnan(med), x[at], med)  # a window of impulses only: keep
+        x = x.index_put(at, med)
+    return x
+
+
 class NoiseLevelEstimator(nn.Module):
     """Small CNN that predicts the local noise-level map (normalised units) of an image.
 
@@ -295,6 +359,7 @@ class ResUNet(nn.Module):
         estimator_channels: int = 24,
         estimator_depth: int = 5,
         residual_gate: float = 40.0,
+        impulse_filter: bool = False,
     ) -> None:
         super().__init__()
         channels = [int(c) for c in channels]
@@ -308,7 +373,9 @@ class ResUNet(nn.Module):
             "estimator_channels": estimator_channels,
             "estimator_depth": estimator_depth,
             "residual_gate": float(residual_gate),
+            "impulse_filter": bool(impulse_filter),
         }
+        self.impulse_filter = bool(impulse_filter)
         self.residual_gate = float(residual_gate)
         self.unshuffle = unshuffle
         self.multiple = unshuffle * 2 ** (len(channels) - 1)
@@ -330,8 +397,14 @@ class ResUNet(nn.Module):
 
     def estimate_noise(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted local noise-level map of ``x`` (same shape, normalised units)."""
+        x = self.remove_impulses(x)
         xp, (h, w) = _pad_to_multiple(x, self.multiple)
         return self.estimator(xp)[..., :h, :w]
+
+    def remove_impulses(self, x: torch.Tensor) -> torch.Tensor:
+        """The switching-median pre-stage (``impulse_filter``): isolated salt & pepper pixels carry
+        no measurement, so they are replaced before the network sees the image."""
+        return replace_impulses(x, impulse_mask(x)) if self.impulse_filter else x
 
     def forward(
         self,
@@ -349,6 +422,7 @@ class ResUNet(nn.Module):
         if strength == 0:  # exact identity, not a learned approximation of it
             out = x.clone()
             return (out, torch.zeros_like(x)) if return_map else out
+        x = self.remove_impulses(x)
         xp, (h, w) = _pad_to_multiple(x, self.multiple)
         est = self.estimator(xp) if (noise_map is None or return_map) else None
         if noise_map is None:

@@ -90,13 +90,16 @@ class TrainConfig:
     zero_level_prob: float = 0.0
     true_map_prob: float = 0.5
     map_weight: float = 0.1
+    residual_gate: float = 40.0  # resunet: D(y) = y + tanh(gate * m) R; larger = full correction at lower noise
+    impulse_filter: bool = False  # resunet: switching-median pre-stage for salt & pepper (models.impulse_mask)
     workers: int = 0  # DataLoader processes synthesising noise (GPU runs: the CPU side is the bottleneck)
 
     def model_config(self, role: str) -> dict:
         if self.arch == "resunet" and role == "denoiser":
             b = self.base_channels
             return {"arch": "resunet", "channels": [b, 2 * b, 4 * b, 8 * b], "blocks": 2, "unshuffle": 2,
-                    "estimator_channels": 24, "estimator_depth": 5, "residual_gate": 40.0}
+                    "estimator_channels": 24, "estimator_depth": 5, "residual_gate": self.residual_gate,
+                    "impulse_filter": self.impulse_filter}
         if self.arch == "drunet" and role == "denoiser":
             return {"arch": "drunet", "base_channels": self.base_channels, "blocks": 2, "noise_level_map": False, "residual": True}
         return {
@@ -111,6 +114,15 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------- distributed helpers
+# model settings that own no weights: a checkpoint trained with other values still initialises the net
+_WEIGHTLESS = ("residual_gate", "impulse_filter")
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    strip = lambda c: {k: v for k, v in c.items() if k not in _WEIGHTLESS}  # noqa: E731
+    return strip(a) == strip(b)
+
+
 def _dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -405,8 +417,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
     d_prior = prior if (prior and "denoiser" in prior["models"]) else None
     if d_prior is not None:
         D = model_from_checkpoint(d_prior, "denoiser")
-    elif init is not None and "denoiser" in init["models"] and init["models"]["denoiser"]["config"] == cfg.model_config("denoiser"):
-        D = model_from_checkpoint(init, "denoiser")  # fine-tuning
+    elif init is not None and "denoiser" in init["models"] and _same_weights(init["models"]["denoiser"]["config"],
+                                                                          cfg.model_config("denoiser")):
+        # fine-tuning; settings that own no weights (gate, impulse pre-stage) may change
+        torch.manual_seed(cfg.seed + 1)
+        D = build_model(cfg.model_config("denoiser"))
+        D.load_state_dict(model_from_checkpoint(init, "denoiser").state_dict())
     else:
         torch.manual_seed(cfg.seed + 1)
         D = build_model(cfg.model_config("denoiser"))

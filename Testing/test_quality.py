@@ -120,3 +120,44 @@ def test_twin_is_shipped_beside_the_default():
     den = Denoiser(twin, device="cpu")
     assert den.ckpt["training"]["loss"] == "mse"
     assert den.ckpt["models"]["denoiser"]["config"] == Denoiser(device="cpu").ckpt["models"]["denoiser"]["config"]
+
+
+def test_impulse_pre_stage_removes_salt_and_pepper_and_leaves_anatomy(real_slice):
+    """The switching median replaces isolated pixels at the image's extremes and nothing else."""
+    from FPDenoiseLib.models import impulse_mask, replace_impulses
+    from FPDenoiseLib.noise import add_noise
+
+    x = Normalizer.for_array(real_slice, modality="CT").forward(real_slice)
+    rng = float(x.max() - x.min())
+    t = torch.from_numpy(x)[None, None]
+    assert not impulse_mask(t).any()  # a clean real slice: nothing flagged
+    # saturated metal (a cluster at the image maximum) and one brightest pixel are anatomy
+    metal = t.clone()
+    metal[..., 200:206, 200:206] = float(t.max()) + 0.5
+    metal[..., 300, 300] = float(t.max()) + 0.5
+    assert not impulse_mask(metal).any()
+    for level, floor in ((0.25, 45.0), (0.75, 34.0)):  # a 5x5 median gives 47 / 32 here
+        noisy = add_noise(x, "salt_pepper", level=level, seed=3).astype(np.float32)
+        mask = impulse_mask(torch.from_numpy(noisy)[None, None])
+        out = replace_impulses(torch.from_numpy(noisy)[None, None], mask)[0, 0].numpy()
+        changed = out != noisy
+        assert np.asarray(mask[0, 0])[changed].mean() > 0.9  # mostly the first pass's finds
+        # (almost) only corrupted pixels are replaced; the rest are air pixels at the min that the
+        # noise surrounded with salt
+        assert (noisy[changed] != x[changed]).mean() > 0.99
+        assert psnr(x, out, data_range=rng) >= floor, level
+
+
+def test_resunet_with_impulse_pre_stage_keeps_the_identities():
+    net = ResUNet(channels=(4, 8, 8, 8), blocks=1, impulse_filter=True).eval()
+    x = torch.rand(2, 1, 40, 56) * 0.5 + 0.25
+    x[:, :, ::5, ::5] = 1.0  # 4 % salt
+    with torch.no_grad():
+        assert torch.equal(net(x, strength=0.0), x)  # strength 0: exact identity, impulses kept
+        assert torch.equal(net(x, noise_map=torch.zeros_like(x)), net.remove_impulses(x))  # map 0: only the pre-stage
+        assert not torch.equal(net.remove_impulses(x), x)
+    from FPDenoiseLib.models import build_model
+
+    old = dict(net.config)
+    old.pop("impulse_filter")  # checkpoints from before the option build without it
+    assert build_model(old).impulse_filter is False
