@@ -216,6 +216,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         workers=args.workers,
         residual_gate=args.residual_gate,
         impulse_filter=args.impulse_filter,
+        estimator_global=args.estimator_global,
     )
     path = train(cfg, resume=args.resume, progress_lines=args.progress_lines, print_digest=args.print_weight_digest)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
@@ -426,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the restoration net and/or the denoiser")
     p.add_argument("--data", required=True, action="append", help="folder or file of clean images (repeatable)")
     p.add_argument("--out", required=True, help="checkpoint to write")
-    p.add_argument("--stage", default="both", choices=["restoration", "denoiser", "both"])
+    p.add_argument("--stage", default="both", choices=["restoration", "denoiser", "both", "estimator"],
+                   help="estimator: retrain only the noise estimator of a trained resunet (--init), e.g. with --estimator-global")
     p.add_argument("--loss", default="fp", choices=["fp", "mse"])
     p.add_argument("--lam", type=float, default=0.01, help="weight of the (relative) FP term")
     p.add_argument("--noise", nargs="+", default=["mix"], help="mix or noise names")
@@ -440,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resunet: the correction is scaled by tanh(GATE * noise map); larger = full strength at lower noise")
     p.add_argument("--impulse-filter", action="store_true",
                    help="resunet: replace isolated salt & pepper pixels by a local median before the network")
+    p.add_argument("--estimator-global", action="store_true",
+                   help="resunet: the noise estimator also sees image-wide feature means (flat vs signal-dependent noise)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes that synthesise the noisy batches (Linux; same batches as 0, sooner)")
     p.add_argument("--zero-level-prob", type=float, default=0.0, help="fraction of clean (level 0) samples")

@@ -313,18 +313,35 @@ class NoiseLevelEstimator(nn.Module):
     (softplus) and smoothed, then up-sampled back to full resolution.
     """
 
-    def __init__(self, unshuffle: int = 2, channels: int = 24, depth: int = 5) -> None:
+    def __init__(self, unshuffle: int = 2, channels: int = 24, depth: int = 5, global_context: bool = False) -> None:
         super().__init__()
         u2 = unshuffle**2
         self.unshuffle = unshuffle
         layers: list[nn.Module] = [nn.Conv2d(u2, channels, 3, padding=1), GuidedReLU()]
         for _ in range(depth - 2):
             layers += [nn.Conv2d(channels, channels, 3, padding=1), GuidedReLU()]
-        layers.append(nn.Conv2d(channels, 1, 3, padding=1))
-        self.net = nn.Sequential(*layers)
+        self.global_context = global_context
+        if global_context:
+            # Whether noise is flat (Gaussian) or follows the signal (Poisson, Rician) is a property of
+            # the whole image, which a 20-pixel receptive field cannot see: the image-wide mean of
+            # the features joins every pixel's own before the last layers.
+            self.body = nn.Sequential(*layers)
+            self.mix = nn.Sequential(nn.Conv2d(2 * channels, channels, 1), GuidedReLU(),
+                                     nn.Conv2d(channels, channels, 3, padding=1), GuidedReLU())
+            self.out = nn.Conv2d(channels, 1, 3, padding=1)
+        else:
+            layers.append(nn.Conv2d(channels, 1, 3, padding=1))
+            self.net = nn.Sequential(*layers)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.global_context:
+            return self.net(x)
+        h = self.body(x)
+        g = h.mean(dim=(2, 3), keepdim=True).expand_as(h)
+        return self.out(self.mix(torch.cat([h, g], dim=1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.net(F.pixel_unshuffle(x, self.unshuffle))
+        z = self._logits(F.pixel_unshuffle(x, self.unshuffle))
         # softplus keeps the map >= 0; the 0.1 scale puts typical sigmas (0.005-0.15) near z ~ 0
         s = 0.1 * F.softplus(z - 2.0)
         s = F.avg_pool2d(s, 5, stride=1, padding=2, count_include_pad=False)
@@ -360,6 +377,7 @@ class ResUNet(nn.Module):
         estimator_depth: int = 5,
         residual_gate: float = 40.0,
         impulse_filter: bool = False,
+        estimator_global: bool = False,
     ) -> None:
         super().__init__()
         channels = [int(c) for c in channels]
@@ -374,6 +392,7 @@ class ResUNet(nn.Module):
             "estimator_depth": estimator_depth,
             "residual_gate": float(residual_gate),
             "impulse_filter": bool(impulse_filter),
+            "estimator_global": bool(estimator_global),
         }
         self.impulse_filter = bool(impulse_filter)
         self.residual_gate = float(residual_gate)
@@ -381,7 +400,7 @@ class ResUNet(nn.Module):
         self.multiple = unshuffle * 2 ** (len(channels) - 1)
         u2 = unshuffle**2
         c = channels
-        self.estimator = NoiseLevelEstimator(unshuffle, estimator_channels, estimator_depth)
+        self.estimator = NoiseLevelEstimator(unshuffle, estimator_channels, estimator_depth, estimator_global)
         self.head = nn.Conv2d(2 * u2, c[0], 3, padding=1, bias=False)
         self.encoders = nn.ModuleList(nn.Sequential(*[_ResBlock(c[i]) for _ in range(blocks)]) for i in range(len(c) - 1))
         self.downs = nn.ModuleList(nn.Conv2d(c[i], c[i + 1], 2, stride=2, bias=False) for i in range(len(c) - 1))

@@ -40,7 +40,7 @@ from .losses import FPLoss
 from .models import ResUNet, build_model, local_noise_map
 from .xai import DEFAULT_READOUT, guided_backprop
 
-STAGES = ("restoration", "denoiser", "both")
+STAGES = ("restoration", "denoiser", "both", "estimator")
 
 
 @dataclass
@@ -92,6 +92,7 @@ class TrainConfig:
     map_weight: float = 0.1
     residual_gate: float = 40.0  # resunet: D(y) = y + tanh(gate * m) R; larger = full correction at lower noise
     impulse_filter: bool = False  # resunet: switching-median pre-stage for salt & pepper (models.impulse_mask)
+    estimator_global: bool = False  # resunet: the noise estimator also sees image-wide feature means
     workers: int = 0  # DataLoader processes synthesising noise (GPU runs: the CPU side is the bottleneck)
 
     def model_config(self, role: str) -> dict:
@@ -99,7 +100,7 @@ class TrainConfig:
             b = self.base_channels
             return {"arch": "resunet", "channels": [b, 2 * b, 4 * b, 8 * b], "blocks": 2, "unshuffle": 2,
                     "estimator_channels": 24, "estimator_depth": 5, "residual_gate": self.residual_gate,
-                    "impulse_filter": self.impulse_filter}
+                    "impulse_filter": self.impulse_filter, "estimator_global": self.estimator_global}
         if self.arch == "drunet" and role == "denoiser":
             return {"arch": "drunet", "base_channels": self.base_channels, "blocks": 2, "noise_level_map": False, "residual": True}
         return {
@@ -406,7 +407,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
 
     # Networks
     f = model_from_checkpoint(prior, "restoration") if prior and "restoration" in prior["models"] else None
-    if f is None and init is not None and "restoration" in init["models"] and cfg.stage == "denoiser":
+    if f is None and init is not None and "restoration" in init["models"] and cfg.stage in ("denoiser", "estimator"):
         f = model_from_checkpoint(init, "restoration")
     if f is None:
         if cfg.stage == "denoiser" and cfg.loss == "fp":
@@ -423,7 +424,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         torch.manual_seed(cfg.seed + 1)
         D = build_model(cfg.model_config("denoiser"))
         D.load_state_dict(model_from_checkpoint(init, "denoiser").state_dict())
+    elif init is not None and "denoiser" in init["models"] and cfg.stage == "estimator":
+        # a new estimator (other shape) under the trained denoiser: every other weight is kept
+        torch.manual_seed(cfg.seed + 1)
+        D = build_model(cfg.model_config("denoiser"))
+        src = {k: v for k, v in model_from_checkpoint(init, "denoiser").state_dict().items()
+               if not k.startswith("estimator.")}
+        missing = D.load_state_dict(src, strict=False)
+        if missing.unexpected_keys or any(not k.startswith("estimator.") for k in missing.missing_keys):
+            raise CheckpointError(f"{cfg.init}: its denoiser does not match --arch {cfg.arch} apart from the estimator")
     else:
+        if cfg.stage == "estimator":
+            raise CheckpointError("stage 'estimator' trains the noise estimator of a trained denoiser: pass --init CKPT")
         torch.manual_seed(cfg.seed + 1)
         D = build_model(cfg.model_config("denoiser"))
     D = D.to(device)
@@ -442,6 +454,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
             save_checkpoint(out, models, normalization=normalization, training=info, resume=resume_state)
 
         return save
+
+    sch_den = BatchSchedule(len(bank), cfg.batch_size, cfg.seed)
+
+    def make_den_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # numpy only: runs in DataLoader workers (--workers) as well as in-process
+        rng = np.random.default_rng([cfg.seed, rank, step, 1])
+        idx = sch_den.indices(step)
+        noisy = noise(bank_np[idx], rng)
+        teacher = rng.random(len(idx)) < cfg.true_map_prob
+        return torch.from_numpy(idx), torch.from_numpy(noisy), torch.from_numpy(teacher)
 
     # Stage 1: restoration net, clean -> clean.
     run_restoration = cfg.stage in ("restoration", "both") and not (state and state.get("stage") == "denoiser")
@@ -474,16 +496,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
 
         noise_aware = isinstance(D, ResUNet)
 
-        sch_den = BatchSchedule(len(bank), cfg.batch_size, cfg.seed)
-
-        def make_den_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            # numpy only: runs in DataLoader workers (--workers) as well as in-process
-            rng = np.random.default_rng([cfg.seed, rank, step, 1])
-            idx = sch_den.indices(step)
-            noisy = noise(bank_np[idx], rng)
-            teacher = rng.random(len(idx)) < cfg.true_map_prob
-            return torch.from_numpy(idx), torch.from_numpy(noisy), torch.from_numpy(teacher)
-
         def step_den(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], net: nn.Module):
             ti = batch[0].to(device)
             clean = bank[ti]
@@ -504,6 +516,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         _run_stage("denoiser", D, cfg, cfg.steps, make_den_batch, step_den, saver(models), state, device,
                    lambda: _validate(D, val_np, val_noise, cfg.seed, device), progress_lines, history)
         final_models = models
+    elif cfg.stage == "estimator":
+        # Only the noise-level estimator learns (L1 against the true local map); the denoiser, whose
+        # input it feeds, stays as trained. Validation shows the denoiser with the new estimate.
+        if not isinstance(D, ResUNet):
+            raise InputError("stage 'estimator' needs --arch resunet (the noise-aware denoiser)")
+        D.requires_grad_(False)
+        D.estimator.requires_grad_(True)
+
+        def step_est(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], net: nn.Module):
+            clean = bank[batch[0].to(device)]
+            noisy = batch[1].to(device, non_blocking=True)
+            loss = (net(D.remove_impulses(noisy)) - local_noise_map(noisy - clean)).abs().mean()
+            return loss, {"map": float(loss.detach()), "total": float(loss.detach())}
+
+        final_models = {"denoiser": D, "restoration": f}
+        _run_stage("estimator", D.estimator, cfg, cfg.steps, make_den_batch, step_est, saver(final_models), state,
+                   device, lambda: _validate(D, val_np, val_noise, cfg.seed, device), progress_lines, history)
     else:
         final_models = {"restoration": f}
     if rank == 0:

@@ -299,3 +299,38 @@ def test_slice_pack_round_trips_the_training_corpus(tmp_path):
     (tmp_path / "bad.slices.npz").write_bytes(b"not a zip")
     with pytest.raises(InputError, match="slice pack"):
         load_clean_slices([tmp_path / "bad.slices.npz"])
+
+
+def test_estimator_stage_retrains_only_the_noise_estimator(tmp_path):
+    """--stage estimator swaps in a new (here: global-context) estimator under a trained denoiser."""
+    base = train(_cfg(tmp_path, out=str(tmp_path / "base.pt"), arch="resunet", loss="mse", steps=6,
+                      restoration_steps=3, val_every=6, ckpt_every=6))
+    out = train(_cfg(tmp_path, out=str(tmp_path / "est.pt"), arch="resunet", stage="estimator", init=str(base),
+                     estimator_global=True, steps=8, val_every=4, ckpt_every=8, lr=1e-2))
+    a, b = load_checkpoint(base), load_checkpoint(out)
+    da, db = model_from_checkpoint(a, "denoiser").state_dict(), model_from_checkpoint(b, "denoiser").state_dict()
+    assert b["models"]["denoiser"]["config"]["estimator_global"] is True
+    assert all(torch.equal(da[k], db[k]) for k in da if not k.startswith("estimator."))
+    fa = model_from_checkpoint(a, "restoration").state_dict()
+    fb = model_from_checkpoint(b, "restoration").state_dict()
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)  # f comes along unchanged
+    hist = [h for h in b["training"]["history"] if h["stage"] == "estimator"]
+    assert len(hist) == 2 and hist[-1]["map"] < hist[0]["map"] * 1.5 and "psnr" in hist[-1]
+    with pytest.raises(CheckpointError, match="--init"):
+        train(_cfg(tmp_path, out=str(tmp_path / "x.pt"), arch="resunet", stage="estimator"))
+
+
+def test_global_estimator_sees_the_whole_image():
+    """The global-context estimator's value at a pixel depends on image content far outside its
+    receptive field (the plain one's does not)."""
+    from FPDenoiseLib.models import NoiseLevelEstimator
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 64, 192) * 0.1
+    y = x.clone()
+    y[..., 128:] += torch.randn(1, 1, 64, 64) * 0.3  # far-away change (> 60 px from column 20)
+    for glob, differs in ((True, True), (False, False)):
+        est = NoiseLevelEstimator(global_context=glob)
+        with torch.no_grad():
+            d = (est(x) - est(y))[..., :, :20].abs().max()
+        assert bool(d > 1e-7) is differs, (glob, float(d))

@@ -78,7 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-bm3d", action="store_true")
     p.add_argument("--out", default="docs/results/quality")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse-classical", default=None, metavar="CSV",
+                   help="take the classical methods' rows from an earlier quality.csv of the same slices and seed "
+                        "(they do not depend on the model; BM3D is the slow part). Their seconds are that run's.")
     args = p.parse_args(argv)
+    reused: dict[tuple[str, str, str], dict] = {}
+    if args.reuse_classical:
+        with open(args.reuse_classical, newline="") as fh:
+            for r in csv.DictReader(fh):
+                if r["method"] in ("nlmeans", "median", "wavelet", "bm3d"):
+                    reused[(r["slice"], r["case"], r["method"])] = {
+                        k: (v if k in ("slice", "case", "method") else float(v)) for k, v in r.items()}
 
     twin_path = args.twin or str(Path(args.model).with_name(MSE_TWIN_NAME))
     ours = Denoiser(args.model, device="cpu")
@@ -106,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             if case != "clean":
                 sig_n = None if sigma is None else sigma / (norm.hi - norm.lo)
                 for m in classical:
+                    if (name, case, m) in reused:
+                        continue
                     t0 = time.perf_counter()
                     y = baselines.denoise(m, xn, sigma=sig_n if m == "bm3d" else None)
                     outs[m] = (norm.inverse(y), time.perf_counter() - t0)
@@ -118,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                     "rmse_hu": float(np.sqrt(np.mean((y - clean) ** 2))),
                     "seconds": sec,
                 })
+            for m in classical:
+                if case != "clean" and (name, case, m) in reused:
+                    rows.append(reused[(name, case, m)])
+                    outs[m] = (None, 0.0)
             best = max((r for r in rows[-len(outs):]), key=lambda r: r["psnr"])
             print(f"{name:28s} {case:10s} " + " ".join(f"{r['method']}={r['psnr']:.2f}" for r in rows[-len(outs):])
                   + f"  best={best['method']}", file=sys.stderr)
@@ -132,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(tmp).write_text(md)
     with atomic_path(out / "run.json") as tmp:
         Path(tmp).write_text(json.dumps({"model": args.model, "twin": twin_path if "mse_twin" in nets else None,
-                                         "data": args.data, "slices": [s for s, _ in slices], "seed": args.seed},
+                                         "data": args.data, "slices": [s for s, _ in slices], "seed": args.seed,
+                                         "classical_rows_from": args.reuse_classical},
                                         indent=1))
     print(md)
     return 0
