@@ -333,29 +333,6 @@ class NoiseLevelEstimator(nn.Module):
             layers.append(nn.Conv2d(channels, 1, 3, padding=1))
             self.net = nn.Sequential(*layers)
 
-    def init_from_local(self, local: NoiseLevelEstimator) -> None:
-        """Start a global-context estimator as exactly ``local`` (same channels and depth): the body
-        takes its layers, the mixing layers start as identities that ignore the image-wide branch,
-        so training begins from the trained estimate instead of from scratch."""
-        if not self.global_context or local.global_context:
-            raise ValueError("init_from_local: needs a global-context estimator and a local one")
-        convs = [m for m in local.net if isinstance(m, nn.Conv2d)]
-        body = [m for m in self.body if isinstance(m, nn.Conv2d)]
-        if len(convs) != len(body) + 1 or convs[0].weight.shape != body[0].weight.shape:
-            raise ValueError("init_from_local: channels / depth differ")
-        with torch.no_grad():
-            for dst, src in zip(body, convs[:-1]):  # noqa: B905
-                dst.load_state_dict(src.state_dict())
-            self.out.load_state_dict(convs[-1].state_dict())
-            c = body[-1].out_channels
-            one, three = self.mix[0], self.mix[2]
-            one.weight.zero_()
-            one.weight[:, :c, 0, 0] = torch.eye(c)
-            one.bias.zero_()
-            three.weight.zero_()
-            three.weight[:, :, 1, 1] = torch.eye(c)
-            three.bias.zero_()
-
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if not self.global_context:
             return self.net(x)

@@ -433,11 +433,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         missing = D.load_state_dict(src, strict=False)
         if missing.unexpected_keys or any(not k.startswith("estimator.") for k in missing.missing_keys):
             raise CheckpointError(f"{cfg.init}: its denoiser does not match --arch {cfg.arch} apart from the estimator")
-        old_est = model_from_checkpoint(init, "denoiser").estimator
-        if D.estimator.global_context and not old_est.global_context:
-            D.estimator.init_from_local(old_est)  # start from the trained estimate
-        elif D.estimator.global_context == old_est.global_context:
-            D.estimator.load_state_dict(old_est.state_dict())
     else:
         if cfg.stage == "estimator":
             raise CheckpointError("stage 'estimator' trains the noise estimator of a trained denoiser: pass --init CKPT")

@@ -334,17 +334,3 @@ def test_global_estimator_sees_the_whole_image():
         with torch.no_grad():
             d = (est(x) - est(y))[..., :, :20].abs().max()
         assert bool(d > 1e-7) is differs, (glob, float(d))
-
-
-def test_global_estimator_starts_as_the_trained_local_one():
-    from FPDenoiseLib.models import NoiseLevelEstimator
-
-    torch.manual_seed(1)
-    local, glob = NoiseLevelEstimator(), NoiseLevelEstimator(global_context=True)
-    x = torch.rand(2, 1, 48, 64)
-    with torch.no_grad():
-        assert not torch.allclose(local(x), glob(x))
-        glob.init_from_local(local)
-        assert torch.equal(local(x), glob(x))
-    with pytest.raises(ValueError, match="channels"):
-        NoiseLevelEstimator(channels=8, global_context=True).init_from_local(local)
