@@ -336,7 +336,7 @@ def _add_quality(p: argparse.ArgumentParser) -> None:
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
-    p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: 1 on CPU, 8 on GPU)")
     p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS done total' lines (for GUIs)")
 
 

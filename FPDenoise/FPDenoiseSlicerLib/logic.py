@@ -212,7 +212,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         self,
         modelPath: str | os.PathLike | None = None,
         device: str = "auto",
-        batchSize: int = 8,
+        batchSize: int | None = None,
         strength: float = 1.0,
     ):
         """A cached :class:`FPDenoiseLib.inference.Denoiser` (loading a checkpoint takes a moment)."""
@@ -334,7 +334,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         inputSaliencyNode=None,
         outputSaliencyNode=None,
         featureChangeNode=None,
-        batchSize: int = 8,
+        batchSize: int | None = None,
         strength: float = 1.0,
     ) -> dict:
         """Denoise a volume node in this process.
