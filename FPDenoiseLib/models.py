@@ -300,7 +300,10 @@ def replace_impulses(x: torch.Tensor, mask: torch.Tensor, size: int = 5, passes:
             return x
         at = mask.nonzero(as_tuple=True)
         v = torch.where(mask, torch.full_like(x, float("nan")), x)
-        med = _window_values(v, at, size).nanmedian(dim=1).values
+        win = _window_values(v, at, size)
+        # nanmedian has no kernel on some backends (MPS): the few flagged windows go through the CPU
+        med = (win.cpu().nanmedian(dim=1).values.to(x.device) if x.device.type == "mps"
+               else win.nanmedian(dim=1).values)
         med = torch.where(torch.isnan(med), x[at], med)  # a window of impulses only: keep
         x = x.index_put(at, med)
     return x
