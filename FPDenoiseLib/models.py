@@ -260,9 +260,8 @@ def impulse_mask(
     64
     """
     n = x.shape[0]
-    flat = x.detach().flatten(1)
-    lo, hi = flat.min(1).values.view(n, 1, 1, 1), flat.max(1).values.view(n, 1, 1, 1)
     xd = x.detach()
+    lo, hi = xd.flatten(1).min(1).values.view(n, 1, 1, 1), xd.flatten(1).max(1).values.view(n, 1, 1, 1)
     ones = torch.ones(1, 1, 3, 3, dtype=xd.dtype, device=xd.device)
     cand = torch.zeros_like(xd, dtype=torch.bool)
     for at in (xd >= hi - tol, xd <= lo + tol):

@@ -93,7 +93,7 @@ class TrainConfig:
     residual_gate: float = 40.0  # resunet: D(y) = y + tanh(gate * m) R; larger = full correction at lower noise
     impulse_filter: bool = False  # resunet: switching-median pre-stage for salt & pepper (models.impulse_mask)
     estimator_global: bool = False  # resunet: the noise estimator also sees image-wide feature means
-    workers: int = 0  # DataLoader processes synthesising noise (GPU runs: the CPU side is the bottleneck)
+    workers: int = 0  # DataLoader processes synthesising noise (GPU runs: keeps the card fed)
 
     def model_config(self, role: str) -> dict:
         if self.arch == "resunet" and role == "denoiser":
@@ -418,18 +418,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
     d_prior = prior if (prior and "denoiser" in prior["models"]) else None
     if d_prior is not None:
         D = model_from_checkpoint(d_prior, "denoiser")
-    elif init is not None and "denoiser" in init["models"] and _same_weights(init["models"]["denoiser"]["config"],
-                                                                          cfg.model_config("denoiser")):
-        # fine-tuning; settings that own no weights (gate, impulse pre-stage) may change
+    elif init is not None and "denoiser" in init["models"] and (
+        cfg.stage == "estimator" or _same_weights(init["models"]["denoiser"]["config"], cfg.model_config("denoiser"))
+    ):
+        # fine-tuning: settings that own no weights (gate, impulse pre-stage) may change; the estimator
+        # stage starts a new estimator (maybe of another shape) under the trained denoiser
         torch.manual_seed(cfg.seed + 1)
         D = build_model(cfg.model_config("denoiser"))
-        D.load_state_dict(model_from_checkpoint(init, "denoiser").state_dict())
-    elif init is not None and "denoiser" in init["models"] and cfg.stage == "estimator":
-        # a new estimator (other shape) under the trained denoiser: every other weight is kept
-        torch.manual_seed(cfg.seed + 1)
-        D = build_model(cfg.model_config("denoiser"))
-        src = {k: v for k, v in model_from_checkpoint(init, "denoiser").state_dict().items()
-               if not k.startswith("estimator.")}
+        src = model_from_checkpoint(init, "denoiser").state_dict()
+        if cfg.stage == "estimator":
+            src = {k: v for k, v in src.items() if not k.startswith("estimator.")}
         missing = D.load_state_dict(src, strict=False)
         if missing.unexpected_keys or any(not k.startswith("estimator.") for k in missing.missing_keys):
             raise CheckpointError(f"{cfg.init}: its denoiser does not match --arch {cfg.arch} apart from the estimator")
@@ -455,12 +453,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
 
         return save
 
-    sch_den = BatchSchedule(len(bank), cfg.batch_size, cfg.seed)
+    schedule = BatchSchedule(len(bank), cfg.batch_size, cfg.seed)  # batch indices: a pure function of the step
 
     def make_den_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # numpy only: runs in DataLoader workers (--workers) as well as in-process
         rng = np.random.default_rng([cfg.seed, rank, step, 1])
-        idx = sch_den.indices(step)
+        idx = schedule.indices(step)
         noisy = noise(bank_np[idx], rng)
         teacher = rng.random(len(idx)) < cfg.true_map_prob
         return torch.from_numpy(idx), torch.from_numpy(noisy), torch.from_numpy(teacher)
@@ -469,14 +467,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
     run_restoration = cfg.stage in ("restoration", "both") and not (state and state.get("stage") == "denoiser")
     if run_restoration and restoration_steps > 0:
 
-        sch_rest = BatchSchedule(len(bank), cfg.batch_size, cfg.seed)
-
         def step_rest(idx: np.ndarray, net: nn.Module):
             x = bank[torch.as_tensor(idx).to(device)]
             loss = (net(x) - x).pow(2).mean()
             return loss, {"total": float(loss.detach())}
 
-        _run_stage("restoration", f, cfg, restoration_steps, sch_rest.indices, step_rest, saver({"restoration": f}),
+        _run_stage("restoration", f, cfg, restoration_steps, schedule.indices, step_rest, saver({"restoration": f}),
                    state, device, None, progress_lines, history)
         state = None
 

@@ -105,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         norm = Normalizer.for_array(clean, modality="CT", policy=ours.policy)
         body = clean > -500
         rng_hu = float(clean.max() - clean.min())
-        for ci, case in enumerate(args.cases):
-            noisy, sigma = corrupt(clean, case, seed=args.seed * 1000 + si * 10 + ci)
+        for case in args.cases:
+            # seeded by the case's place in CASES, not in --cases: a subset run draws the same noise
+            # (and --reuse-classical rows stay valid for it)
+            noisy, sigma = corrupt(clean, case, seed=args.seed * 1000 + si * 10 + CASES.index(case))
             xn = norm.forward(noisy)
+            first = len(rows)
             outs: dict[str, tuple[np.ndarray, float]] = {"noisy": (noisy, 0.0)}
             for m, den in nets.items():
                 t0 = time.perf_counter()
@@ -130,12 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                     "rmse_hu": float(np.sqrt(np.mean((y - clean) ** 2))),
                     "seconds": sec,
                 })
-            for m in classical:
-                if case != "clean" and (name, case, m) in reused:
-                    rows.append(reused[(name, case, m)])
-                    outs[m] = (None, 0.0)
-            best = max((r for r in rows[-len(outs):]), key=lambda r: r["psnr"])
-            print(f"{name:28s} {case:10s} " + " ".join(f"{r['method']}={r['psnr']:.2f}" for r in rows[-len(outs):])
+            rows += [reused[(name, case, m)] for m in classical if case != "clean" and (name, case, m) in reused]
+            best = max(rows[first:], key=lambda r: r["psnr"])
+            print(f"{name:28s} {case:10s} " + " ".join(f"{r['method']}={r['psnr']:.2f}" for r in rows[first:])
                   + f"  best={best['method']}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
