@@ -315,7 +315,13 @@ def test_estimator_stage_retrains_only_the_noise_estimator(tmp_path):
     fb = model_from_checkpoint(b, "restoration").state_dict()
     assert all(torch.equal(fa[k], fb[k]) for k in fa)  # f comes along unchanged
     hist = [h for h in b["training"]["history"] if h["stage"] == "estimator"]
-    assert len(hist) == 2 and hist[-1]["map"] < hist[0]["map"] * 1.5 and "psnr" in hist[-1]
+    assert len(hist) == 2 and "psnr" in hist[-1]  # validated with the new estimate
+    # the new estimator was trained: it left the start it was built with
+    from FPDenoiseLib.models import build_model
+
+    torch.manual_seed(1)  # train() seeds cfg.seed + 1 before building the denoiser
+    start = build_model(b["models"]["denoiser"]["config"]).estimator.state_dict()
+    assert any(not torch.equal(v, db[f"estimator.{k}"]) for k, v in start.items())
     with pytest.raises(CheckpointError, match="--init"):
         train(_cfg(tmp_path, out=str(tmp_path / "x.pt"), arch="resunet", stage="estimator"))
 
