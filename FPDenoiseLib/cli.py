@@ -190,6 +190,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         stage=args.stage,
         loss=args.loss,
         lam=args.lam,
+        residual_norm=args.residual_norm,
         noises=list(args.noise),
         level_range=(args.level_min, args.level_max),
         arch=args.arch,
@@ -431,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="estimator: retrain only the noise estimator of a trained resunet (--init), e.g. with --estimator-global")
     p.add_argument("--loss", default="fp", choices=["fp", "mse"])
     p.add_argument("--lam", type=float, default=0.01, help="weight of the (relative) FP term")
+    p.add_argument("--residual-norm", default="mean", choices=["mean", "log"],
+                   help="log: mean per-sample log-MSE (trains for mean PSNR; mild noise is not drowned by severe)")
     p.add_argument("--noise", nargs="+", default=["mix"], help="mix or noise names")
     p.add_argument("--level-min", type=float, default=0.0, help="noise severity range (0..1)")
     p.add_argument("--level-max", type=float, default=0.6)

@@ -36,7 +36,7 @@ from .checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
 from .device import pick_device
 from .errors import CheckpointError, InputError
 from .intensity import DEFAULT_POLICY
-from .losses import FPLoss
+from .losses import RESIDUAL_NORMS, FPLoss
 from .models import ResUNet, build_model, local_noise_map
 from .xai import DEFAULT_READOUT, guided_backprop
 
@@ -93,6 +93,7 @@ class TrainConfig:
     residual_gate: float = 40.0  # resunet: D(y) = y + tanh(gate * m) R; larger = full correction at lower noise
     impulse_filter: bool = False  # resunet: switching-median pre-stage for salt & pepper (models.impulse_mask)
     estimator_global: bool = False  # resunet: the noise estimator also sees image-wide feature means
+    residual_norm: str = "mean"  # "log": mean per-sample log-MSE, i.e. train for mean PSNR (losses.FPLoss)
     workers: int = 0  # DataLoader processes synthesising noise (GPU runs: keeps the card fed)
 
     def model_config(self, role: str) -> dict:
@@ -375,6 +376,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         raise InputError(f"unknown --amp {cfg.amp!r}; choose off or bf16")
     if cfg.loss not in ("fp", "mse"):
         raise InputError(f"unknown loss {cfg.loss!r}; choose fp or mse")
+    if cfg.residual_norm not in RESIDUAL_NORMS:
+        raise InputError(f"unknown residual norm {cfg.residual_norm!r}; choose from {', '.join(RESIDUAL_NORMS)}")
     if not cfg.data:
         raise InputError("no training data given (--data DIR)")
     device = pick_device(cfg.device)
@@ -488,7 +491,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
             gb_scale = float(gb_bank.pow(2).mean().clamp_min(1e-30))
         info["gb_scale"] = gb_scale
         loss_fn = FPLoss(f if cfg.loss == "fp" else None, lam=cfg.lam, mode=cfg.loss, gb_scale=gb_scale,
-                         readout=cfg.readout)
+                         readout=cfg.readout, residual_norm=cfg.residual_norm)
 
         noise_aware = isinstance(D, ResUNet)
 

@@ -138,6 +138,28 @@ def test_mse_mode_is_residual_only_and_equals_mse_to_clean():
         FPLoss(None, mode="fp")
 
 
+def test_log_residual_norm_is_mean_per_sample_log_mse_and_balances_severities():
+    from FPDenoiseLib.losses import LOG_EPS
+
+    clean = torch.zeros(2, 1, 8, 8)
+    noisy = clean.clone()
+    noisy[0] += 0.01  # mild
+    noisy[1] += 0.5  # severe
+    den = noisy.clone().requires_grad_(True)  # the identity: residual = the noise
+    total, _ = FPLoss(None, mode="mse", residual_norm="log")(den, noisy, clean)
+    want = torch.log(LOG_EPS + torch.tensor([0.01**2, 0.5**2])).mean()
+    assert torch.isclose(total, want)
+    (g,) = torch.autograd.grad(total, den)
+    # d log(mse)/d den = 2 r / (numel * mse): per pixel 2/(64 r); the mild sample pulls ~50x harder
+    # (the plain mean gives it 50x less pull than the severe one)
+    ratio = float(g[0].abs().mean() / g[1].abs().mean())
+    assert 40 < ratio < 51
+    (g_mean,) = torch.autograd.grad(FPLoss(None, mode="mse")(den, noisy, clean)[0], den)
+    assert float(g_mean[0].abs().mean() / g_mean[1].abs().mean()) == pytest.approx(0.02, rel=1e-4)
+    with pytest.raises(ValueError, match="residual_norm"):
+        FPLoss(None, mode="mse", residual_norm="sum")
+
+
 def test_checkpoint_roundtrip_hash_and_half(tmp_path):
     f, d = _trained_pair()
     p = save_checkpoint(tmp_path / "m.pt", {"denoiser": d, "restoration": f},

@@ -283,6 +283,21 @@ def test_noise_workers_give_the_same_training_as_the_in_process_loop(tmp_path):
     assert b["training"]["workers"] == 2
 
 
+def test_log_residual_norm_is_a_training_option_recorded_in_the_checkpoint(tmp_path):
+    from FPDenoiseLib.training import weights_digest
+
+    kw = dict(arch="resunet", loss="mse", steps=6, restoration_steps=3, val_every=6, ckpt_every=6,
+              noises=["gaussian"], level_range=(0.0, 0.8))
+    a = load_checkpoint(train(_cfg(tmp_path, out=str(tmp_path / "mean.pt"), **kw)))
+    b = load_checkpoint(train(_cfg(tmp_path, out=str(tmp_path / "log.pt"), residual_norm="log", **kw)))
+    assert a["training"]["residual_norm"] == "mean" and b["training"]["residual_norm"] == "log"
+    den = lambda ck: weights_digest({"d": model_from_checkpoint(ck, "denoiser")})  # noqa: E731
+    assert den(a) != den(b)  # same data, noise and seed: only the loss differs
+    assert [h for h in b["training"]["history"] if h["stage"] == "denoiser"][-1]["residual"] < 0  # log units
+    with pytest.raises(InputError, match="residual norm"):
+        train(_cfg(tmp_path, out=str(tmp_path / "bad.pt"), residual_norm="l1", **kw))
+
+
 def test_slice_pack_round_trips_the_training_corpus(tmp_path):
     """A GPU box without image readers trains from a pack: same slices, same order, float16 values."""
     from FPDenoiseLib.data import load_clean_slices, save_slice_pack
