@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Prepared device run for the NEXT lent GPU (one card, <= 8 min wall): the shipped recipe, longer.
 #   A. MSE continuation of the shipped twin with the shipped settings (gate 150, impulse pre-stage,
-#      global estimator), batch 64 of 128 px, bf16, noise synthesised by worker processes;
+#      global estimator, log residual), batch 64 of 128 px, bf16, noise synthesised by worker processes;
 #   B. the FP fine-tune and its MSE twin from A, side by side, same steps / seed / schedule.
 # Step counts are calibrated in the run (rate x budget) so each cosine schedule completes.
 #   python scripts/pack_corpus.py --data data/real/train --data Resources/TrainingData \
 #       --thin pylinac_cbct=2 --out gpu/corpus.slices.npz        # here: the device has no readers
 #   OUT=gpu_out bash scripts/gpu_chain.sh                         # there (carry gpu/)
 # Results in $OUT: base.pt, fp.pt, twin.pt (float16) and logs.tgz. Compare on the held-out set
-# (benchmarks/quality.py, fpdenoise benchmark) before shipping; the FP term's lambda stays 1e-4.
+# (benchmarks/quality.py, fpdenoise benchmark) before shipping; the FP term's lambda stays 0.08 (the
+# shipped value under --residual-norm log; scripts/fp_lambda_probe.py --transfer-lambda).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; DEVICE=${DEVICE:-cuda}; BUDGET_A=${BUDGET_A:-200}; BUDGET_B=${BUDGET_B:-150}
 HARD_S=${HARD_S:-450}; CAL_STEPS=${CAL_STEPS:-300}; BANK=${BANK:-40000}; BATCH=${BATCH:-64}; PATCH=${PATCH:-128}
-WORKERS=${WORKERS:-6}; PACK=${PACK:-gpu/corpus.slices.npz}; INIT=${INIT:-Resources/Models/fpdenoise_mse_twin.pt}
+WORKERS=${WORKERS:-6}; LAM=${LAM:-0.08}; PACK=${PACK:-gpu/corpus.slices.npz}; INIT=${INIT:-Resources/Models/fpdenoise_mse_twin.pt}
 W=${WORK:-/tmp/fpd_chain}; mkdir -p "$OUT" "$W"; T0=$(date +%s)
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 NOISE="gaussian gaussian gaussian poisson poisson poisson speckle noncentral_chi rician salt_pepper structured
@@ -23,7 +24,7 @@ run() {  # out steps bank lr seed init extra...
   python3 -m FPDenoiseLib.cli train --data "$PACK" --arch resunet --stage denoiser --init "$init" --device "$DEVICE" \
     --amp bf16 --batch-size "$BATCH" --patch-size "$PATCH" --bank-size "$bank" --lr "$lr" --level-min 0 \
     --level-max 0.85 --zero-level-prob 0.1 --true-map-prob 0.2 --val-every 1000 --ckpt-every 1000 --seed "$seed" \
-    --residual-gate 150 --impulse-filter --estimator-global --workers "$WORKERS" --progress-lines \
+    --residual-gate 150 --impulse-filter --estimator-global --residual-norm log --workers "$WORKERS" --progress-lines \
     --steps "$steps" --noise $NOISE --out "$out" "$@" >"${out%.pt}.log" 2>&1
 }
 rate() { python3 -c "import re,sys; m=re.search(r'denoiser: (\d+) steps in ([\d.]+)s', open(sys.argv[1]).read()); print(int(m.group(1))/float(m.group(2)) if m else 0)" "$1"; }
@@ -32,12 +33,12 @@ steps_for() { python3 -c "print(max(200, int(float('$1') * $2) // 100 * 100))"; 
 
 # calibration: A alone, then B's two runs side by side
 run "$W/calA.pt" "$CAL_STEPS" 4000 3e-4 3 "$INIT" --loss mse
-run "$W/calF.pt" "$CAL_STEPS" 4000 1e-4 6 "$INIT" --loss fp --lam 0.0001 & run "$W/calM.pt" "$CAL_STEPS" 4000 1e-4 6 "$INIT" --loss mse & wait
+run "$W/calF.pt" "$CAL_STEPS" 4000 1e-4 6 "$INIT" --loss fp --lam "$LAM" & run "$W/calM.pt" "$CAL_STEPS" 4000 1e-4 6 "$INIT" --loss mse & wait
 SA=$(steps_for "$(rate "$W/calA.log")" "$BUDGET_A"); SB=$(steps_for "$(rate "$W/calF.log")" "$BUDGET_B")
 echo "A: $SA steps, B: $SB steps, t=$(( $(date +%s) - T0 ))s" | tee -a "$W/env.log"
 
 run "$W/base.pt" "$SA" "$BANK" 3e-4 3 "$INIT" --loss mse
-run "$W/fp.pt" "$SB" "$BANK" 1e-4 6 "$W/base.pt" --loss fp --lam 0.0001 & PF=$!
+run "$W/fp.pt" "$SB" "$BANK" 1e-4 6 "$W/base.pt" --loss fp --lam "$LAM" & PF=$!
 run "$W/twin.pt" "$SB" "$BANK" 1e-4 6 "$W/base.pt" --loss mse & PM=$!
 while [ $(( $(date +%s) - T0 )) -lt "$HARD_S" ] && kill -0 $PF $PM 2>/dev/null; do sleep 2; done
 for p in $PF $PM; do kill -0 "$p" 2>/dev/null && { echo "deadline: stopping $p" | tee -a "$W/env.log"; kill "$p"; }; done

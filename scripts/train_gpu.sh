@@ -3,7 +3,8 @@
 # 4 Down / 4 Up), both as an MSE base + FP fine-tune + MSE twin, with bf16 autocast; DDP over all
 # visible GPUs through torchrun. Needs the real corpus: python scripts/fetch_training_data.py
 #   bash scripts/train_gpu.sh [OUT_DIR]            (default runs_gpu/)
-# Every stage checkpoints; rerunning the script resumes where it stopped (--resume).
+# The shipped settings: log residual (lambda 0.08 belongs to it), and for resunet gate 150, the impulse
+# pre-stage and the global-context estimator (Resources/Models/README.md). Every stage checkpoints; rerunning the script resumes where it stopped (--resume).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs_gpu}
@@ -12,14 +13,15 @@ NGPU=$(python -c "import torch; print(max(1, torch.cuda.device_count()))")
 RUN=(torchrun --standalone --nproc_per_node "$NGPU" -m FPDenoiseLib.cli train)
 DATA=(--data data/real/train --data Resources/TrainingData)
 COMMON=(--amp bf16 --device cuda --batch-size 32 --patch-size 128 --level-min 0 --level-max 0.85
-        --zero-level-prob 0.1 --val-every 1000 --ckpt-every 500 --seed 0 --resume)
+        --zero-level-prob 0.1 --val-every 1000 --ckpt-every 500 --seed 0 --resume --residual-norm log)
 for ARCH in resunet unet; do
-  if [ "$ARCH" = unet ]; then WIDTH=(--base-channels 64 --max-channels 512); else WIDTH=(--base-channels 16); fi
+  if [ "$ARCH" = unet ]; then WIDTH=(--base-channels 64 --max-channels 512); else
+    WIDTH=(--base-channels 16 --residual-gate 150 --impulse-filter --estimator-global --true-map-prob 0.2); fi
   "${RUN[@]}" "${DATA[@]}" "${COMMON[@]}" "${WIDTH[@]}" --arch "$ARCH" --stage both --loss mse \
     --steps 60000 --restoration-steps 5000 --bank-size 40000 --lr 6e-4 --out "$OUT/${ARCH}_base.pt"
   for LOSS in fp mse; do
     "${RUN[@]}" "${DATA[@]}" "${COMMON[@]}" "${WIDTH[@]}" --arch "$ARCH" --stage denoiser --loss "$LOSS" \
-      --lam "${FP_LAMBDA:-0.002}" --init "$OUT/${ARCH}_base.pt" --steps 5000 --bank-size 8000 --lr 1e-4 \
+      --lam "${FP_LAMBDA:-0.08}" --init "$OUT/${ARCH}_base.pt" --steps 5000 --bank-size 8000 --lr 1e-4 \
       --out "$OUT/${ARCH}_${LOSS}_ft.pt"
   done
 done
