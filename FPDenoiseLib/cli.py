@@ -191,6 +191,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         loss=args.loss,
         lam=args.lam,
         residual_norm=args.residual_norm,
+        map_loss=args.map_loss,
         noises=list(args.noise),
         level_range=(args.level_min, args.level_max),
         arch=args.arch,
@@ -434,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", type=float, default=0.01, help="weight of the (relative) FP term")
     p.add_argument("--residual-norm", default="mean", choices=["mean", "log"],
                    help="log: mean per-sample log-MSE (trains for mean PSNR; mild noise is not drowned by severe)")
+    p.add_argument("--map-loss", default="l1", choices=["l1", "log"],
+                   help="resunet noise-map estimator loss: l1, or log (relative error: mild levels count as much as severe)")
     p.add_argument("--noise", nargs="+", default=["mix"], help="mix or noise names")
     p.add_argument("--level-min", type=float, default=0.0, help="noise severity range (0..1)")
     p.add_argument("--level-max", type=float, default=0.6)

@@ -90,6 +90,7 @@ class TrainConfig:
     zero_level_prob: float = 0.0
     true_map_prob: float = 0.5
     map_weight: float = 0.1
+    map_loss: str = "l1"  # estimator loss: "l1" = |est - true|; "log" = |log(e + est) - log(e + true)| (relative)
     residual_gate: float = 40.0  # resunet: D(y) = y + tanh(gate * m) R; larger = full correction at lower noise
     impulse_filter: bool = False  # resunet: switching-median pre-stage for salt & pepper (models.impulse_mask)
     estimator_global: bool = False  # resunet: the noise estimator also sees image-wide feature means
@@ -118,6 +119,18 @@ class TrainConfig:
 # ---------------------------------------------------------------- distributed helpers
 # model settings that own no weights: a checkpoint trained with other values still initialises the net
 _WEIGHTLESS = ("residual_gate", "impulse_filter")
+
+
+MAP_LOSSES = ("l1", "log")
+MAP_LOG_EPS = 1e-3  # normalised units (~4 HU on CT): below it the relative map error stops mattering
+
+
+def _map_error(est: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Noise-map estimator loss. "log" weighs errors relative to the true level, so a map that reads
+    half the true noise at a mild level costs as much as at a severe one (L1 barely notices it)."""
+    if kind == "log":
+        return (torch.log(MAP_LOG_EPS + est.clamp_min(0)) - torch.log(MAP_LOG_EPS + target)).abs().mean()
+    return (est - target).abs().mean()
 
 
 def _same_weights(a: dict, b: dict) -> bool:
@@ -376,6 +389,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         raise InputError(f"unknown --amp {cfg.amp!r}; choose off or bf16")
     if cfg.loss not in ("fp", "mse"):
         raise InputError(f"unknown loss {cfg.loss!r}; choose fp or mse")
+    if cfg.map_loss not in MAP_LOSSES:
+        raise InputError(f"unknown map loss {cfg.map_loss!r}; choose from {', '.join(MAP_LOSSES)}")
     if cfg.residual_norm not in RESIDUAL_NORMS:
         raise InputError(f"unknown residual norm {cfg.residual_norm!r}; choose from {', '.join(RESIDUAL_NORMS)}")
     if not cfg.data:
@@ -506,7 +521,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
             teacher = batch[2].to(device)
             den, est = net(noisy, noise_map=target, teacher_mask=teacher, return_map=True)
             loss, parts = loss_fn(den, noisy, clean, gb)
-            map_loss = (est - target).abs().mean()
+            map_loss = _map_error(est, target, cfg.map_loss)
             loss = loss + cfg.map_weight * map_loss
             parts = {**parts, "map": float(map_loss.detach()), "total": float(loss.detach())}
             return loss, parts
@@ -526,7 +541,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         def step_est(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], net: nn.Module):
             clean = bank[batch[0].to(device)]
             noisy = batch[1].to(device, non_blocking=True)
-            loss = (net(D.remove_impulses(noisy)) - local_noise_map(noisy - clean)).abs().mean()
+            loss = _map_error(net(D.remove_impulses(noisy)), local_noise_map(noisy - clean), cfg.map_loss)
             return loss, {"map": float(loss.detach()), "total": float(loss.detach())}
 
         final_models = {"denoiser": D, "restoration": f}

@@ -298,6 +298,19 @@ def test_log_residual_norm_is_a_training_option_recorded_in_the_checkpoint(tmp_p
         train(_cfg(tmp_path, out=str(tmp_path / "bad.pt"), residual_norm="l1", **kw))
 
 
+def test_log_map_loss_weighs_a_misread_level_relatively(tmp_path):
+    from FPDenoiseLib.training import _map_error
+
+    mild, severe = torch.full((1, 1, 4, 4), 0.01), torch.full((1, 1, 4, 4), 0.1)
+    # reading half the true level: L1 barely notices it at the mild level, the log loss nearly as much
+    assert float(_map_error(mild / 2, mild, "l1")) == pytest.approx(0.1 * float(_map_error(severe / 2, severe, "l1")))
+    rel_mild, rel_severe = float(_map_error(mild / 2, mild, "log")), float(_map_error(severe / 2, severe, "log"))
+    assert rel_mild > 0.8 * rel_severe > 0
+    assert float(_map_error(mild, mild, "log")) == 0.0
+    with pytest.raises(InputError, match="map loss"):
+        train(_cfg(tmp_path, out=str(tmp_path / "bad.pt"), arch="resunet", map_loss="l2"))
+
+
 def test_slice_pack_round_trips_the_training_corpus(tmp_path):
     """A GPU box without image readers trains from a pack: same slices, same order, float16 values."""
     from FPDenoiseLib.data import load_clean_slices, save_slice_pack
