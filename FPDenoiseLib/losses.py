@@ -42,6 +42,25 @@ from .xai import DEFAULT_READOUT, Readout, get_readout, guided_backprop
 
 RESIDUAL_NORMS = ("mean", "log")
 LOG_EPS = 1e-6  # per-sample MSE floor of residual_norm="log": 60 dB for a unit intensity range
+MAP_LOSSES = ("l1", "log")
+MAP_LOG_EPS = 1e-3  # normalised units (~4 HU on CT): below it the relative map error stops mattering
+
+
+def map_error(est: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Loss of a noise-level map ``est`` against the true local noise std ``target`` (same units).
+
+    "l1" is the mean absolute error. "log" weighs errors relative to the true level, so a map that
+    reads half the true noise at a mild level costs as much as at a severe one (L1 barely notices it);
+    measured on the shipped models it also under-weighs severe levels (``Resources/Models/README.md``).
+
+    >>> float(map_error(torch.full((1, 1, 2, 2), 0.5), torch.ones(1, 1, 2, 2)))
+    0.5
+    """
+    if kind == "log":
+        return (torch.log(MAP_LOG_EPS + est.clamp_min(0)) - torch.log(MAP_LOG_EPS + target)).abs().mean()
+    if kind != "l1":
+        raise ValueError(f"map loss must be one of {MAP_LOSSES}, got {kind!r}")
+    return (est - target).abs().mean()
 
 
 class FPLoss(nn.Module):

@@ -36,7 +36,7 @@ from .checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
 from .device import pick_device
 from .errors import CheckpointError, InputError
 from .intensity import DEFAULT_POLICY
-from .losses import RESIDUAL_NORMS, FPLoss
+from .losses import MAP_LOSSES, RESIDUAL_NORMS, FPLoss, map_error
 from .models import ResUNet, build_model, local_noise_map
 from .xai import DEFAULT_READOUT, guided_backprop
 
@@ -119,18 +119,6 @@ class TrainConfig:
 # ---------------------------------------------------------------- distributed helpers
 # model settings that own no weights: a checkpoint trained with other values still initialises the net
 _WEIGHTLESS = ("residual_gate", "impulse_filter")
-
-
-MAP_LOSSES = ("l1", "log")
-MAP_LOG_EPS = 1e-3  # normalised units (~4 HU on CT): below it the relative map error stops mattering
-
-
-def _map_error(est: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Noise-map estimator loss. "log" weighs errors relative to the true level, so a map that reads
-    half the true noise at a mild level costs as much as at a severe one (L1 barely notices it)."""
-    if kind == "log":
-        return (torch.log(MAP_LOG_EPS + est.clamp_min(0)) - torch.log(MAP_LOG_EPS + target)).abs().mean()
-    return (est - target).abs().mean()
 
 
 def _same_weights(a: dict, b: dict) -> bool:
@@ -521,7 +509,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
             teacher = batch[2].to(device)
             den, est = net(noisy, noise_map=target, teacher_mask=teacher, return_map=True)
             loss, parts = loss_fn(den, noisy, clean, gb)
-            map_loss = _map_error(est, target, cfg.map_loss)
+            map_loss = map_error(est, target, cfg.map_loss)
             loss = loss + cfg.map_weight * map_loss
             parts = {**parts, "map": float(map_loss.detach()), "total": float(loss.detach())}
             return loss, parts
@@ -541,7 +529,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         def step_est(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], net: nn.Module):
             clean = bank[batch[0].to(device)]
             noisy = batch[1].to(device, non_blocking=True)
-            loss = _map_error(net(D.remove_impulses(noisy)), local_noise_map(noisy - clean), cfg.map_loss)
+            loss = map_error(net(D.remove_impulses(noisy)), local_noise_map(noisy - clean), cfg.map_loss)
             return loss, {"map": float(loss.detach()), "total": float(loss.detach())}
 
         final_models = {"denoiser": D, "restoration": f}

@@ -299,7 +299,7 @@ def test_log_residual_norm_is_a_training_option_recorded_in_the_checkpoint(tmp_p
 
 
 def test_log_map_loss_weighs_a_misread_level_relatively(tmp_path):
-    from FPDenoiseLib.training import _map_error
+    from FPDenoiseLib.losses import map_error as _map_error
 
     mild, severe = torch.full((1, 1, 4, 4), 0.01), torch.full((1, 1, 4, 4), 0.1)
     # reading half the true level: L1 barely notices it at the mild level, the log loss nearly as much
