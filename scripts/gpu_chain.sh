@@ -7,6 +7,9 @@
 #   python scripts/pack_corpus.py --data data/real/train --data Resources/TrainingData \
 #       --thin pylinac_cbct=2 --out gpu/corpus.slices.npz        # here: the device has no readers
 #   OUT=gpu_out bash scripts/gpu_chain.sh                         # there (carry gpu/)
+# Dry run on the CPU (about 2 min; checks the flags and the chain, not the figures):
+#   PATH=.venv/bin:$PATH OUT=/tmp/dry DEVICE=cpu BUDGET_A=5 BUDGET_B=5 CAL_STEPS=4 BANK=200 BATCH=4 PATCH=64 \
+#       WORKERS=1 bash scripts/gpu_chain.sh
 # Results in $OUT: base.pt, fp.pt, twin.pt (float16) and logs.tgz. Compare on the held-out set
 # (benchmarks/quality.py, fpdenoise benchmark) before shipping; the FP term's lambda stays 0.08 (the
 # shipped value under --residual-norm log; scripts/fp_lambda_probe.py --transfer-lambda).
