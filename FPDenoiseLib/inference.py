@@ -130,7 +130,7 @@ class Denoiser:
         self.device = pick_device(device)
         # CPU: one slice per pass is fastest per slice (measured: 42 ms at batch 1 vs 86 ms at 8 on 2 cores,
         # benchmarks/speed.py); GPUs want batches.
-        self.batch_size = max(1, int(batch_size)) if batch_size else (1 if self.device.type == "cpu" else 8)
+        self.batch_size = max(1, int(batch_size)) if batch_size is not None else (1 if self.device.type == "cpu" else 8)
         self.model = model_from_checkpoint(self.ckpt, "denoiser").to(self.device)
         self.restoration = (
             model_from_checkpoint(self.ckpt, "restoration").to(self.device)

@@ -116,7 +116,6 @@ class TrainConfig:
         }
 
 
-# ---------------------------------------------------------------- distributed helpers
 # model settings that own no weights: a checkpoint trained with other values still initialises the net
 _WEIGHTLESS = ("residual_gate", "impulse_filter")
 
@@ -126,6 +125,7 @@ def _same_weights(a: dict, b: dict) -> bool:
     return strip(a) == strip(b)
 
 
+# ---------------------------------------------------------------- distributed helpers
 def _dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -519,7 +519,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
                    lambda: _validate(D, val_np, val_noise, cfg.seed, device), progress_lines, history)
         final_models = models
     elif cfg.stage == "estimator":
-        # Only the noise-level estimator learns (L1 against the true local map); the denoiser, whose
+        # Only the noise-level estimator learns (map_error against the true local map); the denoiser, whose
         # input it feeds, stays as trained. Validation shows the denoiser with the new estimate.
         if not isinstance(D, ResUNet):
             raise InputError("stage 'estimator' needs --arch resunet (the noise-aware denoiser)")

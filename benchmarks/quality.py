@@ -82,13 +82,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="take the classical methods' rows from an earlier quality.csv of the same slices and seed "
                         "(they do not depend on the model; BM3D is the slow part). Their seconds are that run's.")
     args = p.parse_args(argv)
-    reused: dict[tuple[str, str, str], dict] = {}
-    if args.reuse_classical:
-        with open(args.reuse_classical, newline="") as fh:
-            for r in csv.DictReader(fh):
-                if r["method"] in ("nlmeans", "median", "wavelet", "bm3d"):
-                    reused[(r["slice"], r["case"], r["method"])] = {
-                        k: (v if k in ("slice", "case", "method") else float(v)) for k, v in r.items()}
 
     twin_path = args.twin or str(Path(args.model).with_name(MSE_TWIN_NAME))
     ours = Denoiser(args.model, device="cpu")
@@ -97,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     if Path(twin_path).exists():
         nets["mse_twin"] = Denoiser(twin_path, device="cpu")
     classical = ["nlmeans", "median", "wavelet"] + ([] if args.no_bm3d else ["bm3d"])
+    reused: dict[tuple[str, str, str], dict] = {}
+    if args.reuse_classical:
+        with open(args.reuse_classical, newline="") as fh:
+            for r in csv.DictReader(fh):
+                if r["method"] in classical:
+                    reused[(r["slice"], r["case"], r["method"])] = {
+                        k: (v if k in ("slice", "case", "method") else float(v)) for k, v in r.items()}
     slices = held_out_slices(args.data, args.per_volume)
     print(f"{len(slices)} held-out slices from {args.data}; methods: noisy, {', '.join(nets)}, {', '.join(classical)}",
           file=sys.stderr)
