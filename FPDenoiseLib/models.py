@@ -498,3 +498,44 @@ def build_model(config: dict) -> nn.Module:
     except TypeError as err:
         raise CheckpointError(f"model config does not match architecture {arch!r}: {err}") from err
     raise CheckpointError(f"unknown architecture {arch!r} (known: unet, drunet, resunet)")
+
+
+def widen_resunet(src: ResUNet, channels: tuple[int, ...] | list[int], *, seed: int = 0) -> ResUNet:
+    """A wider copy of ``src`` that computes exactly the same function (Net2Net-style growth).
+
+    Every old weight is copied; the new channels get a fresh random init on their inputs and zero
+    weights on every edge that feeds an old channel (and the output), so the output is unchanged
+    while the zero edges still receive gradients. Fine-tuning then starts from the trained net's
+    quality and grows into the extra capacity, instead of re-learning from scratch (which takes
+    far longer than a CPU session).
+
+    >>> small = ResUNet(channels=(4, 8), blocks=1)
+    >>> big = widen_resunet(small, (6, 12))
+    >>> x = torch.rand(1, 1, 16, 16)
+    >>> bool(torch.allclose(small(x), big(x), atol=1e-6))
+    True
+    """
+    channels = [int(c) for c in channels]
+    old = src.config["channels"]
+    if len(channels) != len(old) or any(c < o for c, o in zip(channels, old)):  # noqa: B905
+        raise ValueError(f"widen_resunet: {channels} must have {len(old)} levels, each >= {old}")
+    torch.manual_seed(seed)
+    dst = ResUNet(**{**{k: v for k, v in src.config.items() if k != "arch"}, "channels": channels})
+    src_mods = dict(src.named_modules())
+    with torch.no_grad():
+        for name, mod in dst.named_modules():
+            if not isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
+                continue
+            w_old = src_mods[name].weight
+            w = mod.weight
+            # ConvTranspose2d stores (in, out, k, k); Conv2d (out, in, k, k)
+            o_ax, i_ax = (1, 0) if isinstance(mod, nn.ConvTranspose2d) else (0, 1)
+            o_old, i_old = w_old.shape[o_ax], w_old.shape[i_ax]
+            idx = [slice(None)] * w.dim()
+            idx[o_ax], idx[i_ax] = slice(0, o_old), slice(0, i_old)
+            w[tuple(idx)] = w_old
+            idx[i_ax] = slice(i_old, None)
+            w[tuple(idx)] = 0.0  # new channels never feed old ones (nor the output: tail's outputs are all old)
+            if mod.bias is not None:
+                mod.bias[:o_old] = src_mods[name].bias
+    return dst.to(next(src.parameters()).device)

@@ -37,7 +37,7 @@ from .device import pick_device
 from .errors import CheckpointError, InputError
 from .intensity import DEFAULT_POLICY
 from .losses import MAP_LOSSES, RESIDUAL_NORMS, FPLoss, map_error
-from .models import ResUNet, build_model, local_noise_map
+from .models import ResUNet, build_model, local_noise_map, widen_resunet
 from .xai import DEFAULT_READOUT, guided_backprop
 
 STAGES = ("restoration", "denoiser", "both", "estimator")
@@ -123,6 +123,14 @@ _WEIGHTLESS = ("residual_gate", "impulse_filter")
 def _same_weights(a: dict, b: dict) -> bool:
     strip = lambda c: {k: v for k, v in c.items() if k not in _WEIGHTLESS}  # noqa: E731
     return strip(a) == strip(b)
+
+
+def _widens(a: dict, b: dict) -> bool:
+    """``b`` is resunet ``a`` with at least as many channels per level (and no other weight change)."""
+    if a.get("arch") != "resunet" or b.get("arch") != "resunet" or len(a["channels"]) != len(b["channels"]):
+        return False
+    rest = lambda c: {k: v for k, v in c.items() if k not in (*_WEIGHTLESS, "channels")}  # noqa: E731
+    return rest(a) == rest(b) and all(x <= y for x, y in zip(a["channels"], b["channels"]))  # noqa: B905
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -437,6 +445,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         missing = D.load_state_dict(src, strict=False)
         if missing.unexpected_keys or any(not k.startswith("estimator.") for k in missing.missing_keys):
             raise CheckpointError(f"{cfg.init}: its denoiser does not match --arch {cfg.arch} apart from the estimator")
+    elif init is not None and "denoiser" in init["models"] and _widens(init["models"]["denoiser"]["config"], cfg.model_config("denoiser")):
+        # a wider --base-channels than the init's: grow it, output unchanged (widen_resunet)
+        small = model_from_checkpoint(init, "denoiser")
+        small.residual_gate, small.impulse_filter = cfg.residual_gate, cfg.impulse_filter
+        small.config.update(residual_gate=float(cfg.residual_gate), impulse_filter=bool(cfg.impulse_filter))
+        D = widen_resunet(small, cfg.model_config("denoiser")["channels"], seed=cfg.seed + 1)
     else:
         if cfg.stage == "estimator":
             raise CheckpointError("stage 'estimator' trains the noise estimator of a trained denoiser: pass --init CKPT")

@@ -368,3 +368,38 @@ def test_global_estimator_sees_the_whole_image():
         with torch.no_grad():
             d = (est(x) - est(y))[..., :, :20].abs().max()
         assert bool(d > 1e-7) is differs, (glob, float(d))
+
+
+def test_widening_a_resunet_keeps_its_output_and_then_trains_the_new_channels(tmp_path):
+    """--init small.pt --base-channels N (wider) grows the denoiser: same output at step 0, and the
+    zero-initialised edges from the new channels are trained (Net2Net-style growth)."""
+    from FPDenoiseLib.models import ResUNet, widen_resunet
+
+    torch.manual_seed(0)
+    small = ResUNet(channels=(4, 8, 8), blocks=1, residual_gate=150, estimator_global=True).eval()
+    for p in small.parameters():
+        p.data.normal_(0, 0.1)  # the zero-init tail would make any widening look exact
+    big = widen_resunet(small, (6, 12, 10)).eval()
+    x = torch.rand(2, 1, 40, 44)
+    with torch.no_grad():
+        ref = small(x)
+        assert float((ref - x).abs().max()) > 1e-3  # the small net does change the image
+        assert torch.allclose(big(x), ref, atol=1e-6)
+    assert sum(p.numel() for p in big.parameters()) > sum(p.numel() for p in small.parameters())
+    with pytest.raises(ValueError, match="each >="):
+        widen_resunet(small, (2, 12, 10))
+
+    kw = dict(arch="resunet", loss="mse", restoration_steps=3, val_every=6, ckpt_every=6,
+              noises=["gaussian"], level_range=(0.0, 0.8))
+    base = train(_cfg(tmp_path, out=str(tmp_path / "b4.pt"), steps=6, **kw))
+    wide = load_checkpoint(train(_cfg(tmp_path, out=str(tmp_path / "b6.pt"), init=str(base), base_channels=6,
+                                      steps=6, **kw)))
+    D = model_from_checkpoint(wide, "denoiser")
+    assert wide["models"]["denoiser"]["config"]["channels"] == [6, 12, 24, 48]
+    # the tail's edges from the 2 new top-level channels started at 0 and were trained
+    assert float(D.tail.weight.detach()[:, 4:].abs().sum()) > 0
+    # and the old channels started from the trained weights, not from scratch
+    b4 = model_from_checkpoint(load_checkpoint(base), "denoiser")
+    start = widen_resunet(b4, [6, 12, 24, 48], seed=1)
+    drift = (D.head.weight[:4] - start.head.weight[:4]).detach().abs().max()
+    assert float(drift) < float(b4.head.weight.detach().abs().max())
