@@ -158,6 +158,8 @@ def load_clean_slices(
     items = [paths_or_folder] if isinstance(paths_or_folder, (str, os.PathLike)) else list(paths_or_folder)
     if not items:
         raise InputError("no training data paths given")
+    if any(not Path(it).name.endswith(PACK_SUFFIX) for it in items):
+        from . import io as fio  # late: io imports heavy readers (a pack needs none)
     targets: list[tuple[Path, bool]] = []  # (path, explicitly named)
     for it in items:
         p = Path(it)
@@ -166,8 +168,6 @@ def load_clean_slices(
         if p.name.endswith(PACK_SUFFIX):
             targets.append((p, True))
         elif p.is_dir():
-            from . import io as fio  # late: io imports heavy readers (a pack needs none)
-
             found = sorted(Path(f) for f in fio.find_images(p))
             targets += [(f, False) for f in found]
         else:
@@ -178,8 +178,6 @@ def load_clean_slices(
         if path.name.endswith(PACK_SUFFIX):
             slices += load_slice_pack(path)
             continue
-        from . import io as fio
-
         try:
             img = fio.read_image(path)
         except InputError as err:
