@@ -10,6 +10,7 @@
 # Dry run on the CPU (about 2 min; checks the flags and the chain, not the figures):
 #   PATH=.venv/bin:$PATH OUT=/tmp/dry DEVICE=cpu BUDGET_A=5 BUDGET_B=5 CAL_STEPS=4 BANK=200 BATCH=4 PATCH=64 \
 #       WORKERS=1 bash scripts/gpu_chain.sh
+# BASE=24 grows the shipped base-16 net to 24-48-96-192 channels (output unchanged, widen_resunet) in A.
 # Results in $OUT: base.pt, fp.pt, twin.pt (float16) and logs.tgz. Compare on the held-out set
 # (benchmarks/quality.py, fpdenoise benchmark) before shipping; the FP term's lambda stays 0.08 (the
 # shipped value under --residual-norm log; scripts/fp_lambda_probe.py --transfer-lambda).
@@ -17,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; DEVICE=${DEVICE:-cuda}; BUDGET_A=${BUDGET_A:-200}; BUDGET_B=${BUDGET_B:-150}
 HARD_S=${HARD_S:-450}; CAL_STEPS=${CAL_STEPS:-300}; BANK=${BANK:-40000}; BATCH=${BATCH:-64}; PATCH=${PATCH:-128}
-WORKERS=${WORKERS:-6}; LAM=${LAM:-0.08}; PACK=${PACK:-gpu/corpus.slices.npz}; INIT=${INIT:-Resources/Models/fpdenoise_mse_twin.pt}
+WORKERS=${WORKERS:-6}; LAM=${LAM:-0.08}; BASE=${BASE:-16}; PACK=${PACK:-gpu/corpus.slices.npz}; INIT=${INIT:-Resources/Models/fpdenoise_mse_twin.pt}
 W=${WORK:-/tmp/fpd_chain}; mkdir -p "$OUT" "$W"; T0=$(date +%s)
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 NOISE="gaussian gaussian gaussian poisson poisson poisson speckle noncentral_chi rician salt_pepper structured
@@ -27,7 +28,8 @@ run() {  # out steps bank lr seed init extra...
   python3 -m FPDenoiseLib.cli train --data "$PACK" --arch resunet --stage denoiser --init "$init" --device "$DEVICE" \
     --amp bf16 --batch-size "$BATCH" --patch-size "$PATCH" --bank-size "$bank" --lr "$lr" --level-min 0 \
     --level-max 0.85 --zero-level-prob 0.1 --true-map-prob 0.2 --val-every 1000 --ckpt-every 1000 --seed "$seed" \
-    --residual-gate 150 --impulse-filter --estimator-global --residual-norm log --workers "$WORKERS" --progress-lines \
+    --residual-gate 150 --impulse-filter --estimator-global --residual-norm log --base-channels "$BASE" \
+    --workers "$WORKERS" --progress-lines \
     --steps "$steps" --noise $NOISE --out "$out" "$@" >"${out%.pt}.log" 2>&1
 }
 rate() { python3 -c "import re,sys; m=re.search(r'denoiser: (\d+) steps in ([\d.]+)s', open(sys.argv[1]).read()); print(int(m.group(1))/float(m.group(2)) if m else 0)" "$1"; }
