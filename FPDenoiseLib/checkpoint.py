@@ -194,3 +194,28 @@ def check_compatible(ckpt: dict, *, configs: dict[str, dict] | None = None, norm
                 )
     if diffs:
         raise CheckpointError("checkpoint does not match: " + "; ".join(diffs))
+
+
+def average_models(ckpts: list[dict], name: str = "denoiser") -> nn.Module:
+    """Uniform weight average ("model soup") of the ``name`` net of several checkpoints.
+
+    Meant for fine-tunes of one common ancestor (e.g. two noise mixes continued from the same
+    weights): their average usually keeps the gains of both and the losses of neither, at no
+    inference cost. Nets of different shapes cannot be averaged.
+
+    >>> from FPDenoiseLib.models import ResUNet
+    >>> a, b = ResUNet(channels=(4, 8), blocks=1), ResUNet(channels=(4, 8), blocks=1)
+    >>> cks = [make_checkpoint({"denoiser": m}, normalization={}) for m in (a, b)]
+    >>> soup = average_models(cks)
+    >>> bool(torch.allclose(soup.head.weight, (a.head.weight + b.head.weight) / 2))
+    True
+    """
+    if not ckpts:
+        raise CheckpointError("average_models: no checkpoints given")
+    configs = [c["models"][name]["config"] for c in ckpts]
+    if any(cfg != configs[0] for cfg in configs[1:]):
+        raise CheckpointError(f"average_models: the {name} nets differ in architecture: {configs}")
+    states = [model_from_checkpoint(c, name).state_dict() for c in ckpts]
+    net = model_from_checkpoint(ckpts[0], name)
+    net.load_state_dict({k: sum(s[k].float() for s in states) / len(states) for k in states[0]})
+    return net

@@ -201,3 +201,38 @@ def test_resume_with_other_architecture_refused(tmp_path, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "restoration.base_channels: checkpoint 4 vs requested 8" in lines[0], err
     assert tree_hash(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["data", "run.pt"]
+
+
+def test_average_models_script_soups_denoisers_and_refuses_mismatches(tmp_path):
+    """scripts/average_models.py: the denoiser is the weight mean, f must be the same in all."""
+    import subprocess
+    import sys
+
+    from FPDenoiseLib.checkpoint import model_from_checkpoint
+    from FPDenoiseLib.models import ResUNet
+
+    torch.manual_seed(0)
+    f = UNet(base_channels=4, depth=2)
+    nets = [ResUNet(channels=(4, 8), blocks=1) for _ in range(2)]
+    paths = []
+    for i, d in enumerate(nets):
+        paths.append(str(save_checkpoint(tmp_path / f"m{i}.pt", {"denoiser": d, "restoration": f},
+                                         normalization=DEFAULT_POLICY)))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "average_models.py"
+    run = lambda *a: subprocess.run([sys.executable, str(script), *a], capture_output=True, text=True)  # noqa: E731
+    res = run(str(tmp_path / "soup.pt"), *paths)
+    assert res.returncode == 0, res.stderr
+    soup = load_checkpoint(tmp_path / "soup.pt")
+    w = model_from_checkpoint(soup, "denoiser").head.weight
+    assert torch.allclose(w, (nets[0].head.weight + nets[1].head.weight) / 2, atol=1e-7)
+    assert [s["path"] for s in soup["training"]["soup_of"]] == paths
+    # another f: the FP feature would not be one feature any more
+    save_checkpoint(tmp_path / "other_f.pt", {"denoiser": nets[0], "restoration": UNet(base_channels=4, depth=2)},
+                    normalization=DEFAULT_POLICY)
+    res = run(str(tmp_path / "bad.pt"), paths[0], str(tmp_path / "other_f.pt"))
+    assert res.returncode != 0 and "restoration net differs" in res.stderr and not (tmp_path / "bad.pt").exists()
+    # another architecture
+    save_checkpoint(tmp_path / "wide.pt", {"denoiser": ResUNet(channels=(6, 8), blocks=1), "restoration": f},
+                    normalization=DEFAULT_POLICY)
+    res = run(str(tmp_path / "bad.pt"), paths[0], str(tmp_path / "wide.pt"))
+    assert res.returncode != 0 and "differ in architecture" in res.stderr

@@ -1,0 +1,40 @@
+"""Average the weights of several fine-tunes of one model (a uniform "model soup").
+
+    python scripts/average_models.py OUT.pt A.pt B.pt [C.pt ...]
+
+The denoisers are averaged; the restoration net f (the FP feature extractor) and the
+normalisation are taken from the first checkpoint, and every f must be identical (the FP
+feature is defined by one f). The training record of the first is kept with ``soup_of`` added.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from FPDenoiseLib.checkpoint import average_models, load_checkpoint, model_from_checkpoint, save_checkpoint
+from FPDenoiseLib.errors import CheckpointError
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dst")
+    ap.add_argument("src", nargs="+")
+    args = ap.parse_args()
+    cks = [load_checkpoint(p) for p in args.src]
+    models = {"denoiser": average_models(cks, "denoiser")}
+    if "restoration" in cks[0]["models"]:
+        f = model_from_checkpoint(cks[0], "restoration").state_dict()
+        for p, c in zip(args.src[1:], cks[1:]):  # noqa: B905
+            g = model_from_checkpoint(c, "restoration").state_dict()
+            if any(not torch.equal(f[k], g[k]) for k in f):
+                raise CheckpointError(f"{p}: its restoration net differs from {args.src[0]}'s")
+        models["restoration"] = model_from_checkpoint(cks[0], "restoration")
+    training = {**cks[0].get("training", {}), "soup_of": [{"path": p, "sha256": c["sha256"]} for p, c in zip(args.src, cks)]}  # noqa: B905
+    path = save_checkpoint(args.dst, models, normalization=cks[0]["normalization"], training=training)
+    print(f"{path}: average of {len(cks)} denoisers")
+
+
+if __name__ == "__main__":
+    main()
