@@ -519,8 +519,9 @@ def widen_resunet(src: ResUNet, channels: tuple[int, ...] | list[int], *, seed: 
     old = src.config["channels"]
     if len(channels) != len(old) or any(c < o for c, o in zip(channels, old)):  # noqa: B905
         raise ValueError(f"widen_resunet: {channels} must have {len(old)} levels, each >= {old}")
-    torch.manual_seed(seed)
-    dst = ResUNet(**{**{k: v for k, v in src.config.items() if k != "arch"}, "channels": channels})
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+        torch.manual_seed(seed)
+        dst = ResUNet(**{**{k: v for k, v in src.config.items() if k != "arch"}, "channels": channels})
     src_mods = dict(src.named_modules())
     with torch.no_grad():
         for name, mod in dst.named_modules():

@@ -448,12 +448,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
     elif init is not None and "denoiser" in init["models"] and _widens(init["models"]["denoiser"]["config"], cfg.model_config("denoiser")):
         # a wider --base-channels than the init's: grow it, output unchanged (widen_resunet)
         small = model_from_checkpoint(init, "denoiser")
-        small.residual_gate, small.impulse_filter = cfg.residual_gate, cfg.impulse_filter
         small.config.update(residual_gate=float(cfg.residual_gate), impulse_filter=bool(cfg.impulse_filter))
         D = widen_resunet(small, cfg.model_config("denoiser")["channels"], seed=cfg.seed + 1)
     else:
         if cfg.stage == "estimator":
             raise CheckpointError("stage 'estimator' trains the noise estimator of a trained denoiser: pass --init CKPT")
+        if init is not None and "denoiser" in init["models"] and cfg.stage in ("denoiser", "both"):
+            # only its f is used: say so, a researcher passing --init expects the denoiser to carry over
+            print(f"{cfg.init}: its denoiser has another shape than --arch {cfg.arch} --base-channels "
+                  f"{cfg.base_channels} (and is not a narrower resunet to grow); starting a new denoiser",
+                  file=sys.stderr)
         torch.manual_seed(cfg.seed + 1)
         D = build_model(cfg.model_config("denoiser"))
     D = D.to(device)

@@ -403,3 +403,12 @@ def test_widening_a_resunet_keeps_its_output_and_then_trains_the_new_channels(tm
     start = widen_resunet(b4, [6, 12, 24, 48], seed=1)
     drift = (D.head.weight[:4] - start.head.weight[:4]).detach().abs().max()
     assert float(drift) < float(b4.head.weight.detach().abs().max())
+
+
+def test_an_init_denoiser_of_another_shape_is_reported_not_silently_dropped(tmp_path, capsys):
+    kw = dict(arch="resunet", loss="mse", restoration_steps=3, val_every=4, ckpt_every=4, steps=4,
+              noises=["gaussian"], level_range=(0.0, 0.8))
+    base = train(_cfg(tmp_path, out=str(tmp_path / "b6.pt"), base_channels=6, **kw))
+    capsys.readouterr()
+    train(_cfg(tmp_path, out=str(tmp_path / "b4.pt"), init=str(base), base_channels=4, **kw))  # narrower
+    assert "starting a new denoiser" in capsys.readouterr().err
