@@ -325,7 +325,8 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 
 def _quality_kwargs(args: argparse.Namespace) -> dict:
-    return {"strength": getattr(args, "strength", 1.0), "ensemble": getattr(args, "ensemble", 1)}
+    return {"strength": getattr(args, "strength", 1.0), "ensemble": getattr(args, "ensemble", 1),
+            "precision": getattr(args, "precision", "fp32")}
 
 
 def _add_quality(p: argparse.ArgumentParser) -> None:
@@ -334,6 +335,9 @@ def _add_quality(p: argparse.ArgumentParser) -> None:
                         "0.5 low, 1 as trained, 1.5 high; range 0..3)")
     p.add_argument("--ensemble", type=int, default=1, choices=[1, 2, 4, 8],
                    help="test-time ensemble over flips/rotations (8 = all; ~N times slower, a little better)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: bfloat16 forward pass, ~1.6x faster on CPUs with native bf16 (AVX512-BF16/AMX), "
+                        "-0.02 dB; refused where the device has none")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:

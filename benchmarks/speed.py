@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from FPDenoiseLib.baselines import BASELINES
-from FPDenoiseLib.inference import Denoiser, default_model_path
+from FPDenoiseLib.inference import Denoiser, bf16_supported, default_model_path
 from FPDenoiseLib.losses import FPLoss
 from FPDenoiseLib.models import build_model
 from FPDenoiseLib.noise import add_noise
@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             elif ctx == "no_grad":
                 with torch.no_grad():
                     net(xi)
+            elif ctx == "bf16":  # Denoiser(precision="bf16")
+                with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
+                    net(xi)
             else:
                 with torch.inference_mode():
                     net(xi)
@@ -287,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     compare("batch 1 -> batch 4 (inference_mode)", ("inference", 1), ("inference", 4))
     compare("batch 4 -> batch 8 (inference_mode)", ("inference", 4), ("inference", 8))
     compare("contiguous -> channels_last (batch 4)", ("inference", 4), ("inference", 4, True))
+    if bf16_supported(dev):
+        compare("float32 -> bf16 autocast (batch 1, ch.-last)", ("inference", 1, True), ("bf16", 1, True))
+    else:
+        print("  float32 -> bf16: this device has no native bfloat16 (--precision bf16 is refused here)")
     if dev.type == "cpu":
         n0 = torch.get_num_threads()
         for n in sorted({1, 2 * n0} - {n0}):
