@@ -10,7 +10,8 @@
 # Dry run on the CPU (about 2 min; checks the flags and the chain, not the figures):
 #   PATH=.venv/bin:$PATH OUT=/tmp/dry DEVICE=cpu BUDGET_A=5 BUDGET_B=5 CAL_STEPS=4 BANK=200 BATCH=4 PATCH=64 \
 #       WORKERS=1 bash scripts/gpu_chain.sh
-# BASE=24 grows the shipped base-16 net to 24-48-96-192 channels (output unchanged, widen_resunet) in A.
+# BASE (default 24, the shipped width) must be at least the INIT net's; a wider BASE grows it in A
+# (output unchanged, widen_resunet).
 # Results in $OUT: base.pt, fp.pt, twin.pt (float16) and logs.tgz. Compare on the held-out set
 # (benchmarks/quality.py, fpdenoise benchmark) before shipping; the FP term's lambda stays 0.08 (the
 # shipped value under --residual-norm log; scripts/fp_lambda_probe.py --transfer-lambda).
@@ -18,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; DEVICE=${DEVICE:-cuda}; BUDGET_A=${BUDGET_A:-200}; BUDGET_B=${BUDGET_B:-150}
 HARD_S=${HARD_S:-450}; CAL_STEPS=${CAL_STEPS:-300}; BANK=${BANK:-40000}; BATCH=${BATCH:-64}; PATCH=${PATCH:-128}
-WORKERS=${WORKERS:-6}; LAM=${LAM:-0.08}; BASE=${BASE:-16}; PACK=${PACK:-gpu/corpus.slices.npz}; INIT=${INIT:-Resources/Models/fpdenoise_mse_twin.pt}
+WORKERS=${WORKERS:-6}; LAM=${LAM:-0.08}; BASE=${BASE:-24}; PACK=${PACK:-gpu/corpus.slices.npz}; INIT=${INIT:-Resources/Models/fpdenoise_mse_twin.pt}
 W=${WORK:-/tmp/fpd_chain}; mkdir -p "$OUT" "$W"; T0=$(date +%s)
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 NOISE="gaussian gaussian gaussian poisson poisson poisson speckle noncentral_chi rician salt_pepper structured

@@ -5,6 +5,8 @@
 #   bash scripts/train_gpu.sh [OUT_DIR]            (default runs_gpu/)
 # The shipped settings: log residual (lambda 0.08 belongs to it), and for resunet gate 150, the impulse
 # pre-stage and the global-context estimator (Resources/Models/README.md). Every stage checkpoints; rerunning the script resumes where it stopped (--resume).
+# --base-channels also sizes f, so this trains the base-16 net; the shipped denoiser was then grown to base 24
+# (--init with --base-channels 24, stages 9-14 of Resources/Models/README.md; scripts/gpu_chain.sh continues it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs_gpu}
