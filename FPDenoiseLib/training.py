@@ -412,11 +412,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         if state is None and prior.get("training", {}).get("completed"):
             print(f"{out}: training already completed; nothing to resume", file=sys.stderr)
             return out
-        check_compatible(
-            prior,
-            configs={r: cfg.model_config(r) for r in prior.get("models", {})},
-            normalization=normalization,
-        )
+        # a frozen f (stages denoiser / estimator) came from --init and is reloaded from the prior run as
+        # it is: only the nets this run trains must match the flags (a grown denoiser has a wider
+        # --base-channels than its init's f)
+        trained = [r for r in prior.get("models", {}) if r == "denoiser" or cfg.stage in ("restoration", "both")]
+        check_compatible(prior, configs={r: cfg.model_config(r) for r in trained}, normalization=normalization)
     init = load_checkpoint(cfg.init) if cfg.init else None
 
     # Networks

@@ -412,3 +412,34 @@ def test_an_init_denoiser_of_another_shape_is_reported_not_silently_dropped(tmp_
     capsys.readouterr()
     train(_cfg(tmp_path, out=str(tmp_path / "b4.pt"), init=str(base), base_channels=4, **kw))  # narrower
     assert "starting a new denoiser" in capsys.readouterr().err
+
+
+def test_a_grown_run_resumes(tmp_path, monkeypatch):
+    """An interrupted fine-tune at a wider --base-channels resumes: f (frozen, from the narrower init)
+    is not compared against the new width."""
+    import FPDenoiseLib.training as tr
+
+    kw = dict(arch="resunet", loss="mse", restoration_steps=3, val_every=4, ckpt_every=2,
+              noises=["gaussian"], level_range=(0.0, 0.8))
+    base = train(_cfg(tmp_path, out=str(tmp_path / "b4.pt"), steps=4, **kw))
+    cfg = _cfg(tmp_path, out=str(tmp_path / "b6.pt"), init=str(base), base_channels=6, steps=4,
+               stage="denoiser", **kw)
+    original = tr._run_stage
+
+    def die_after_first_save(role, model, c, steps, *a, **k):
+        save = a[2]
+
+        def save_then_die(step, state, _save=save):
+            _save(step, state)
+            raise SystemExit(9)
+
+        return original(role, model, c, steps, a[0], a[1], save_then_die, *a[3:], **k)
+
+    monkeypatch.setattr(tr, "_run_stage", die_after_first_save)
+    with pytest.raises(SystemExit):
+        train(cfg)
+    monkeypatch.setattr(tr, "_run_stage", original)
+    assert load_checkpoint(cfg.out)["resume"]["step"] == 2
+    out = load_checkpoint(train(cfg, resume=True))
+    assert out["models"]["denoiser"]["config"]["channels"] == [6, 12, 24, 48]
+    assert out["training"]["completed"]
