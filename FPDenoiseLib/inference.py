@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .device import pick_device
+from .device import bf16_supported, pick_device
 from .display import feature_change as display_feature_change  # `feature_change` is a process() flag
 from .errors import InputError
 from .intensity import DEFAULT_POLICY, Normalizer, cast_like
@@ -102,18 +102,6 @@ def _check_array(array: np.ndarray) -> np.ndarray:
 
 
 PRECISIONS = ("fp32", "bf16")
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether ``device`` runs bfloat16 natively (CPU: oneDNN's AVX512-BF16 / AMX check)."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a torch build without oneDNN
-            return False
-    return False
 
 
 class Denoiser:

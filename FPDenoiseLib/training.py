@@ -129,8 +129,9 @@ def _widens(a: dict, b: dict) -> bool:
     """``b`` is resunet ``a`` with at least as many channels per level (and no other weight change)."""
     if a.get("arch") != "resunet" or b.get("arch") != "resunet" or len(a["channels"]) != len(b["channels"]):
         return False
-    rest = lambda c: {k: v for k, v in c.items() if k not in (*_WEIGHTLESS, "channels")}  # noqa: E731
-    return rest(a) == rest(b) and all(x <= y for x, y in zip(a["channels"], b["channels"]))  # noqa: B905
+    return _same_weights({**a, "channels": b["channels"]}, b) and all(
+        x <= y for x, y in zip(a["channels"], b["channels"])  # noqa: B905
+    )
 
 
 # ---------------------------------------------------------------- distributed helpers

@@ -157,8 +157,8 @@ def test_resunet_with_impulse_pre_stage_keeps_the_identities():
 def test_bf16_precision_matches_float32_where_the_cpu_has_bf16(shipped, real_slice):
     """--precision bf16 (a speed option) costs next to nothing in quality, keeps a clean slice and
     strength 0 exact, and is refused where the CPU has no native bfloat16."""
+    from FPDenoiseLib.device import bf16_supported
     from FPDenoiseLib.errors import InputError
-    from FPDenoiseLib.inference import bf16_supported
 
     if not bf16_supported(torch.device("cpu")):
         with pytest.raises(InputError, match="bf16"):

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from FPDenoiseLib.baselines import BASELINES
-from FPDenoiseLib.inference import Denoiser, bf16_supported, default_model_path
+from FPDenoiseLib.device import bf16_supported
+from FPDenoiseLib.inference import Denoiser, default_model_path
 from FPDenoiseLib.losses import FPLoss
 from FPDenoiseLib.models import build_model
 from FPDenoiseLib.noise import add_noise

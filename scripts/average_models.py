@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from FPDenoiseLib.checkpoint import average_models, load_checkpoint, model_from_checkpoint, save_checkpoint
+from FPDenoiseLib.checkpoint import (
+    average_models,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    state_hash,
+)
 from FPDenoiseLib.errors import CheckpointError
 
 
@@ -25,10 +29,9 @@ def main() -> None:
     cks = [load_checkpoint(p) for p in args.src]
     models = {"denoiser": average_models(cks, "denoiser")}
     if "restoration" in cks[0]["models"]:
-        f = model_from_checkpoint(cks[0], "restoration").state_dict()
+        f = state_hash(cks[0]["models"]["restoration"])  # config and stored weights
         for p, c in zip(args.src[1:], cks[1:]):  # noqa: B905
-            g = model_from_checkpoint(c, "restoration").state_dict()
-            if any(not torch.equal(f[k], g[k]) for k in f):
+            if "restoration" not in c["models"] or state_hash(c["models"]["restoration"]) != f:
                 raise CheckpointError(f"{p}: its restoration net differs from {args.src[0]}'s")
         models["restoration"] = model_from_checkpoint(cks[0], "restoration")
     training = {**cks[0].get("training", {}), "soup_of": [{"path": p, "sha256": c["sha256"]} for p, c in zip(args.src, cks)]}  # noqa: B905
