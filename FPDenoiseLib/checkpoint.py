@@ -196,12 +196,16 @@ def check_compatible(ckpt: dict, *, configs: dict[str, dict] | None = None, norm
         raise CheckpointError("checkpoint does not match: " + "; ".join(diffs))
 
 
-def average_models(ckpts: list[dict], name: str = "denoiser") -> nn.Module:
-    """Uniform weight average ("model soup") of the ``name`` net of several checkpoints.
+def average_models(
+    ckpts: list[dict], name: str = "denoiser", *, weights: list[float] | None = None
+) -> nn.Module:
+    """Weight average ("model soup") of the ``name`` net of several checkpoints.
 
     Meant for fine-tunes of one common ancestor (e.g. two noise mixes continued from the same
-    weights): their average usually keeps the gains of both and the losses of neither, at no
-    inference cost. Nets of different shapes cannot be averaged.
+    weights, or a base and specialists fine-tuned on one noise type each): their average usually
+    keeps most of the gains of each at no inference cost. ``weights`` (default uniform) are
+    normalised to sum 1; ``[0.5, 0.25, 0.25]`` of a base and two specialists is the base plus
+    a quarter of each specialist's weight change. Nets of different shapes cannot be averaged.
 
     >>> from FPDenoiseLib.models import ResUNet
     >>> a, b = ResUNet(channels=(4, 8), blocks=1), ResUNet(channels=(4, 8), blocks=1)
@@ -215,7 +219,10 @@ def average_models(ckpts: list[dict], name: str = "denoiser") -> nn.Module:
     configs = [c["models"][name]["config"] for c in ckpts]
     if any(cfg != configs[0] for cfg in configs[1:]):
         raise CheckpointError(f"average_models: the {name} nets differ in architecture: {configs}")
+    w = [1.0] * len(ckpts) if weights is None else [float(x) for x in weights]
+    if len(w) != len(ckpts) or any(x < 0 or x != x for x in w) or sum(w) <= 0:
+        raise CheckpointError(f"average_models: need one weight >= 0 per checkpoint with a positive sum, got {weights}")
     states = [model_from_checkpoint(c, name).state_dict() for c in ckpts]
     net = model_from_checkpoint(ckpts[0], name)
-    net.load_state_dict({k: sum(s[k].float() for s in states) / len(states) for k in states[0]})
+    net.load_state_dict({k: sum(wi * s[k].float() for wi, s in zip(w, states)) / sum(w) for k in states[0]})  # noqa: B905
     return net

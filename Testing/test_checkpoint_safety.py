@@ -226,6 +226,14 @@ def test_average_models_script_soups_denoisers_and_refuses_mismatches(tmp_path):
     w = model_from_checkpoint(soup, "denoiser").head.weight
     assert torch.allclose(w, (nets[0].head.weight + nets[1].head.weight) / 2, atol=1e-7)
     assert [s["path"] for s in soup["training"]["soup_of"]] == paths
+    # weighted: base + a quarter of the specialist's change; weights are normalised
+    res = run(str(tmp_path / "w.pt"), *paths, "--weights", "3", "1")
+    assert res.returncode == 0, res.stderr
+    ww = model_from_checkpoint(load_checkpoint(tmp_path / "w.pt"), "denoiser").head.weight
+    assert torch.allclose(ww, 0.75 * nets[0].head.weight + 0.25 * nets[1].head.weight, atol=1e-7)
+    res = run(str(tmp_path / "bad.pt"), *paths, "--weights", "1")
+    assert res.returncode != 0 and "one weight >= 0 per checkpoint" in res.stderr
+    assert not (tmp_path / "bad.pt").exists()
     # another f: the FP feature would not be one feature any more
     save_checkpoint(tmp_path / "other_f.pt", {"denoiser": nets[0], "restoration": UNet(base_channels=4, depth=2)},
                     normalization=DEFAULT_POLICY)
