@@ -223,7 +223,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         if key not in self._denoisers:
             self._denoisers = {key: Denoiser(path, device=device, batch_size=batchSize)}
         denoiser = self._denoisers[key]
-        # Strength only scales the noise map at run time: same loaded networks, validated like the CLI.
+        # Strength is applied at run time (map and correction): same loaded networks, validated like the CLI.
         if float(strength) != denoiser.strength:
             from FPDenoiseLib.errors import InputError
 
