@@ -222,7 +222,8 @@ def average_models(
     w = [1.0] * len(ckpts) if weights is None else [float(x) for x in weights]
     if len(w) != len(ckpts) or any(x < 0 or x != x for x in w) or sum(w) <= 0:
         raise CheckpointError(f"average_models: need one weight >= 0 per checkpoint with a positive sum, got {weights}")
-    states = [model_from_checkpoint(c, name).state_dict() for c in ckpts]
-    net = model_from_checkpoint(ckpts[0], name)
+    nets = [model_from_checkpoint(c, name) for c in ckpts]
+    states = [n.state_dict() for n in nets]
+    net = nets[0]  # the mean is computed into new tensors before it is loaded into the first net
     net.load_state_dict({k: sum(wi * s[k].float() for wi, s in zip(w, states)) / sum(w) for k in states[0]})  # noqa: B905
     return net
