@@ -19,6 +19,7 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -96,6 +97,9 @@ class TrainConfig:
     estimator_global: bool = False  # resunet: the noise estimator also sees image-wide feature means
     residual_norm: str = "mean"  # "log": mean per-sample log-MSE, i.e. train for mean PSNR (losses.FPLoss)
     workers: int = 0  # DataLoader processes synthesising noise (GPU runs: keeps the card fed)
+    # Exponential moving average of the weights (decay per step; 0 = off): the run validates and
+    # ships the average, which smooths the last steps' noise out of the weights.
+    ema: float = 0.0
 
     def model_config(self, role: str) -> dict:
         if self.arch == "resunet" and role == "denoiser":
@@ -299,6 +303,52 @@ def _batches(make_batch: Callable[[int], object], start: int, stop: int, workers
     return iter(loader)
 
 
+class _Ema:
+    """Exponential moving average of a model's floating-point weights (off when ``decay`` is 0).
+
+    The decay warms up as ``min(decay, (1 + t) / (10 + t))`` so that a short run is not dominated by
+    its starting weights; the average lives in float32 on the model's device.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, state: dict | None) -> None:
+        self.model, self.decay = model, decay
+        self.avg: dict[str, torch.Tensor] = {}
+        if decay:
+            live = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+            src = state if state is not None else live
+            self.avg = {k: src[k].detach().to(v.device, torch.float32).clone() for k, v in live.items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        if not self.decay:
+            return
+        d = min(self.decay, (1 + step) / (10 + step))
+        live = self.model.state_dict()
+        for k, a in self.avg.items():
+            a.mul_(d).add_(live[k].detach().float(), alpha=1 - d)
+
+    def state(self) -> dict:
+        return {"ema": {k: v.clone() for k, v in self.avg.items()}} if self.decay else {}
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        if self.decay:
+            self.model.load_state_dict(self.avg, strict=False)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """Run the body with the averaged weights in the model, then restore the live ones."""
+        if not self.decay:
+            yield
+            return
+        live = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in self.avg}
+        self.apply()
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(live, strict=False)
+
+
 def _run_stage(
     role: str,
     model: nn.Module,
@@ -324,6 +374,7 @@ def _run_stage(
         opt.load_state_dict(resume_state["optimizer"])
         sched.load_state_dict(resume_state["scheduler"])
         start = int(resume_state["step"])
+    ema = _Ema(model, cfg.ema, (resume_state or {}).get("ema") if start else None)
     bar = ProgressBar(steps, role, progress_lines, enabled=rank == 0)
     bar.update(start)
     t0 = time.time()
@@ -336,19 +387,23 @@ def _run_stage(
         opt.step()
         sched.step()
         done = step + 1
+        ema.update(done)
         if not math.isfinite(parts["total"]):
             raise FloatingPointError(f"{role} loss became {parts['total']} at step {done}; lower --lr")
         msg = " ".join(f"{k}={v:.3g}" for k, v in parts.items())
         if validate is not None and (done % cfg.val_every == 0 or done == steps):
-            v = validate()
+            with ema.swapped():
+                v = validate()
             history.append({"stage": role, "step": done, **v, **parts})
             msg += f" val_psnr={v['psnr']:.2f} (noisy {v['psnr_noisy']:.2f}) val_ssim={v['ssim']:.3f}"
             if progress_lines and rank == 0:
                 print(f"VAL {role} step={done} psnr={v['psnr']:.3f} ssim={v['ssim']:.4f}", flush=True)
         bar.update(done, msg)
         if rank == 0 and (done % cfg.ckpt_every == 0 or done == steps):
-            save(done, {"stage": role, "step": done, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+            save(done, {"stage": role, "step": done, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        **ema.state()})
     bar.close()
+    ema.apply()  # the finished stage keeps (and ships) the averaged weights
     if rank == 0:
         print(f"{role}: {steps - start} steps in {time.time() - t0:.1f}s", file=sys.stderr)
 
@@ -382,6 +437,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
     """
     if cfg.stage not in STAGES:
         raise InputError(f"unknown stage {cfg.stage!r}; choose from {', '.join(STAGES)}")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise InputError(f"--ema must be in [0, 1) (a decay per step such as 0.999), got {cfg.ema}")
     if cfg.amp not in ("off", "bf16"):
         raise InputError(f"unknown --amp {cfg.amp!r}; choose off or bf16")
     if cfg.loss not in ("fp", "mse"):
