@@ -16,14 +16,11 @@
 # (benchmarks/quality.py, fpdenoise benchmark) before shipping; the FP term's lambda stays 0.08 (the
 # shipped value under --residual-norm log; scripts/fp_lambda_probe.py --transfer-lambda).
 set -uo pipefail
-cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}; DEVICE=${DEVICE:-cuda}; BUDGET_A=${BUDGET_A:-200}; BUDGET_B=${BUDGET_B:-150}
 HARD_S=${HARD_S:-450}; CAL_STEPS=${CAL_STEPS:-300}; BANK=${BANK:-40000}; BATCH=${BATCH:-64}; PATCH=${PATCH:-128}
 WORKERS=${WORKERS:-6}; LAM=${LAM:-0.08}; BASE=${BASE:-24}; PACK=${PACK:-gpu/corpus.slices.npz}; INIT=${INIT:-Resources/Models/fpdenoise_mse_twin.pt}
-W=${WORK:-/tmp/fpd_chain}; mkdir -p "$OUT" "$W"; T0=$(date +%s)
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-NOISE="gaussian gaussian gaussian poisson poisson poisson speckle noncentral_chi rician salt_pepper structured
-  thermal magnetic_field chemical_shift motion wrap_around susceptibility"
+W=${WORK:-/tmp/fpd_chain}
+source "$(dirname "$0")/gpu_common.sh"
 run() {  # out steps bank lr seed init extra...
   local out=$1 steps=$2 bank=$3 lr=$4 seed=$5 init=$6; shift 6
   python3 -m FPDenoiseLib.cli train --data "$PACK" --arch resunet --stage denoiser --init "$init" --device "$DEVICE" \
@@ -33,25 +30,16 @@ run() {  # out steps bank lr seed init extra...
     --workers "$WORKERS" --progress-lines \
     --steps "$steps" --noise $NOISE --out "$out" "$@" >"${out%.pt}.log" 2>&1
 }
-rate() { python3 -c "import re,sys; m=re.search(r'denoiser: (\d+) steps in ([\d.]+)s', open(sys.argv[1]).read()); print(int(m.group(1))/float(m.group(2)) if m else 0)" "$1"; }
-steps_for() { python3 -c "print(max(200, int(float('$1') * $2) // 100 * 100))"; }
-(nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)") >"$W/env.log" 2>&1
 
 # calibration: A alone, then B's two runs side by side
 run "$W/calA.pt" "$CAL_STEPS" 4000 3e-4 3 "$INIT" --loss mse
 run "$W/calF.pt" "$CAL_STEPS" 4000 1e-4 6 "$INIT" --loss fp --lam "$LAM" & run "$W/calM.pt" "$CAL_STEPS" 4000 1e-4 6 "$INIT" --loss mse & wait
 SA=$(steps_for "$(rate "$W/calA.log")" "$BUDGET_A"); SB=$(steps_for "$(rate "$W/calF.log")" "$BUDGET_B")
-echo "A: $SA steps, B: $SB steps, t=$(( $(date +%s) - T0 ))s" | tee -a "$W/env.log"
+echo "A: $SA steps, B: $SB steps, t=$(elapsed)s" | tee -a "$W/env.log"
 
 run "$W/base.pt" "$SA" "$BANK" 3e-4 3 "$INIT" --loss mse
 run "$W/fp.pt" "$SB" "$BANK" 1e-4 6 "$W/base.pt" --loss fp --lam "$LAM" & PF=$!
 run "$W/twin.pt" "$SB" "$BANK" 1e-4 6 "$W/base.pt" --loss mse & PM=$!
-while [ $(( $(date +%s) - T0 )) -lt "$HARD_S" ] && kill -0 $PF $PM 2>/dev/null; do sleep 2; done
-for p in $PF $PM; do kill -0 "$p" 2>/dev/null && { echo "deadline: stopping $p" | tee -a "$W/env.log"; kill "$p"; }; done
-wait
-for n in base fp twin; do
-  [ -f "$W/$n.pt" ] && python3 scripts/export_model.py "$W/$n.pt" "$OUT/$n.pt" >>"$W/env.log" 2>&1
-done
-echo "total $(( $(date +%s) - T0 ))s" >>"$W/env.log"
-tar -C "$W" -czf "$OUT/logs.tgz" $(cd "$W" && ls ./*.log)
-cat "$W/env.log"; grep -h "VAL\|steps in" "$W"/base.log "$W"/fp.log "$W"/twin.log | tail -12
+watch_deadline $PF $PM
+export_results base fp twin
+grep -h "VAL\|steps in" "$W"/base.log "$W"/fp.log "$W"/twin.log | tail -12
