@@ -328,7 +328,8 @@ class _Ema:
             a.mul_(d).add_(live[k].detach().float(), alpha=1 - d)
 
     def state(self) -> dict:
-        return {"ema": {k: v.clone() for k, v in self.avg.items()}} if self.decay else {}
+        # references, like opt.state_dict(): the checkpoint is written before the next update
+        return {"ema": dict(self.avg)} if self.decay else {}
 
     @torch.no_grad()
     def apply(self) -> None:
