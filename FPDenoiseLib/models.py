@@ -391,27 +391,29 @@ def fit_noise_map(
     pooled = F.avg_pool2d(image, 5, stride=1, padding=2, count_include_pad=False)
     out = torch.empty_like(noise_map)
     for b in range(noise_map.shape[0]):
-        v = noise_map[b, 0].reshape(-1).float().square()
-        i = pooled[b, 0].reshape(-1).float()
+        # the statistics (16 numbers) on the CPU: quantile and float64 lstsq are not on every device
+        v = noise_map[b, 0].reshape(-1).detach().float().cpu().square()
+        i = pooled[b, 0].reshape(-1).detach().float().cpu()
         nb = max(1, min(bins, i.numel() // 128))
-        q = torch.linspace(0, 1, nb + 1, device=i.device)[1:-1]
-        idx = torch.bucketize(i, torch.quantile(i[:: max(1, i.numel() // 65536)], q))
-        cnt = torch.zeros(nb, device=i.device).index_add_(0, idx, torch.ones_like(i))
+        q = torch.linspace(0, 1, nb + 1)[1:-1]
+        # bin edges from at most 16384 pixels: the sort dominates the cost (4.3 vs 0.9 ms at 256x256)
+        idx = torch.bucketize(i, torch.quantile(i[:: max(1, i.numel() // 16384)], q))
+        cnt = torch.zeros(nb).index_add_(0, idx, torch.ones_like(i))
         used = cnt > 0  # ties (e.g. a constant background) leave bins empty
         cnt = cnt[used]
-        var = torch.zeros(nb, device=i.device).index_add_(0, idx, v)[used] / cnt
-        centre = torch.zeros(nb, device=i.device).index_add_(0, idx, i)[used] / cnt
-        lo, span = centre.min(), (centre.max() - centre.min()).clamp_min(1e-6)
+        var = torch.zeros(nb).index_add_(0, idx, v)[used] / cnt
+        centre = torch.zeros(nb).index_add_(0, idx, i)[used] / cnt
+        lo, span = float(centre.min()), max(float(centre.max() - centre.min()), 1e-6)
         t = (centre - lo) / span
         deg = min(2, t.numel() - 1)  # one bin: a flat map
         w = cnt.sqrt().double()[:, None]
         basis = torch.stack([t**k for k in range(deg + 1)], 1).double()
-        coef = torch.linalg.lstsq(basis * w, var.double()[:, None] * w).solution[:, 0].float()
-        tp = ((i - lo) / span).clamp(0, 1)
-        fitted = sum(coef[k] * tp**k for k in range(deg + 1))
+        coef = torch.linalg.lstsq(basis * w, var.double()[:, None] * w).solution[:, 0].tolist()
+        tp = ((pooled[b, 0].float() - lo) / span).clamp(0, 1)
+        fitted = sum(c * tp**k for k, c in enumerate(coef))
         # a quadratic may dip below zero between bins: floor it at a twentieth of the lowest bin
-        fitted = torch.maximum(fitted, 0.05 * var.min())
-        out[b, 0] = fitted.sqrt().reshape(noise_map.shape[-2:]).to(out.dtype)
+        fitted = torch.as_tensor(fitted, device=tp.device).clamp_min(0.05 * float(var.min()))
+        out[b, 0] = fitted.sqrt().to(out.dtype)
     fitted = F.avg_pool2d(out, 5, stride=1, padding=2, count_include_pad=False)
     d = noise_map - fitted
     return fitted + torch.sign(d) * (d.abs() - tau * fitted).clamp_min(0)
