@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resunet: the noise estimator also sees image-wide feature means (flat vs signal-dependent noise)")
     p.add_argument("--map-fit", action="store_true",
                    help="resunet: the denoiser gets the noise map fitted to the local intensity, small fluctuations "
-                        "removed (models.fit_noise_map; +0.16 dB Gaussian 2 %%, +0.48 dB Poisson on held-out CT)")
+                        "removed (models.fit_noise_map; +0.16 dB Gaussian 2 %%, +0.65 dB Poisson on held-out CT)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes that synthesise the noisy batches (Linux; same batches as 0, sooner)")
     p.add_argument("--zero-level-prob", type=float, default=0.0, help="fraction of clean (level 0) samples")
