@@ -20,9 +20,10 @@ watch_deadline() {  # pids...: wait for them until HARD_S has passed since the s
   for p in "$@"; do kill -0 "$p" 2>/dev/null && { echo "deadline: stopping $p" | tee -a "$W/env.log"; kill "$p"; }; done
   wait
 }
-export_results() {  # names...: float16 copies of $W/NAME.pt (partial checkpoints too) and the logs into $OUT
+export_results() {  # names...: float16 copies of $W/NAME.pt (partial checkpoints too; the noise map fitted to the
+  # intensity, as shipped: stage 27 of Resources/Models/README.md) and the logs into $OUT
   for n in "$@"; do
-    [ -f "$W/$n.pt" ] && python3 scripts/export_model.py "$W/$n.pt" "$OUT/$n.pt" >>"$W/env.log" 2>&1
+    [ -f "$W/$n.pt" ] && python3 scripts/export_model.py "$W/$n.pt" "$OUT/$n.pt" --map-fit >>"$W/env.log" 2>&1
   done
   echo "total $(elapsed)s" >>"$W/env.log"
   tar -C "$W" -czf "$OUT/logs.tgz" $(cd "$W" && ls ./*.log)
