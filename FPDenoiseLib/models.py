@@ -366,10 +366,10 @@ def fit_noise_map(
 ) -> torch.Tensor:
     """Regularise a local noise-level map by a smooth function of the local intensity.
 
-    A per-pixel estimate fluctuates even where the noise is flat (Gaussian), and reads texture as
-    noise (lung parenchyma under 2 % Gaussian noise: 20-25 % low), so the denoiser over- and
-    under-smooths with it; the noise of real scanners depends on the signal (Poisson, Rician,
-    speckle). So the variance is fitted as ``a + b I + c I^2`` of the 5x5-smoothed intensity ``I``
+    A per-pixel estimate fluctuates even where the noise is flat (Gaussian) and is biased by the
+    texture under it (lung parenchyma under 2 % Gaussian noise: read 20-25 % low), so the denoiser
+    over- and under-smooths with it; yet the noise of real scanners does depend on the signal
+    (Poisson, Rician, speckle). So the variance is fitted as ``a + b I + c I^2`` of the 5x5-smoothed intensity ``I``
     (weighted least squares over ``bins`` equal-count intensity bins: a Poisson-Gaussian model plus
     a multiplicative term), and the map's deviations from the fit are soft-thresholded at ``tau``
     times the fit: small fluctuations vanish, large local departures (an artifact in one region)
