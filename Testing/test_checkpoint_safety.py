@@ -244,3 +244,30 @@ def test_average_models_script_soups_denoisers_and_refuses_mismatches(tmp_path):
                     normalization=DEFAULT_POLICY)
     res = run(str(tmp_path / "bad.pt"), paths[0], str(tmp_path / "wide.pt"))
     assert res.returncode != 0 and "differ in architecture" in res.stderr
+
+
+def test_export_sets_weightless_settings_and_halves_the_file(tmp_path):
+    """scripts/export_model.py: float16 copy, verified hash, --map-fit / --residual-gate on a resunet;
+    refused (exit 2, nothing written) on another architecture."""
+    import subprocess
+    import sys
+
+    from FPDenoiseLib.models import ResUNet
+
+    root = Path(__file__).resolve().parents[1]
+    torch.manual_seed(0)
+    src = save_checkpoint(tmp_path / "src.pt", {"denoiser": ResUNet(channels=(4, 8, 8, 8), blocks=1, residual_gate=150),
+                                                "restoration": UNet(base_channels=4, depth=2)},
+                          normalization=DEFAULT_POLICY, training={"name": "t"})
+    run = lambda *a: subprocess.run([sys.executable, str(root / "scripts/export_model.py"), *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, cwd=root)
+    r = run(src, tmp_path / "out.pt", "--map-fit", "--residual-gate", "200")
+    assert r.returncode == 0, r.stderr
+    ck = load_checkpoint(tmp_path / "out.pt")  # verifies the recomputed hash
+    cfg = ck["models"]["denoiser"]["config"]
+    assert cfg["map_fit"] is True and cfg["residual_gate"] == 200.0
+    assert ck["training"]["exported_from"]["sha256"] == load_checkpoint(src)["sha256"]
+    assert all(v.dtype == torch.float16 for v in ck["models"]["denoiser"]["state_dict"].values() if v.is_floating_point())
+    unet = _good(tmp_path / "unet.pt")
+    r = run(unet, tmp_path / "bad.pt", "--residual-gate", "200")
+    assert r.returncode == 2 and "resunet" in r.stderr and not (tmp_path / "bad.pt").exists()

@@ -4,8 +4,9 @@
 
 float16 halves the file; weights are converted back to float32 on load. The content hash is
 recomputed for the new file and the training record (incl. validation history) is kept.
-``--map-fit`` switches on a setting that owns no weights: the denoiser's noise map is fitted to the
-local intensity (``FPDenoiseLib.models.fit_noise_map``).
+``--map-fit`` and ``--residual-gate`` set what owns no weights: the denoiser's noise map fitted to
+the local intensity (``FPDenoiseLib.models.fit_noise_map``) and the gate of its correction,
+``tanh(gate * map)`` (larger: full correction at lower noise).
 """
 
 from __future__ import annotations
@@ -23,15 +24,22 @@ def main() -> None:
     ap.add_argument("dst")
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--map-fit", action="store_true", help="resunet: fit the noise map to the local intensity")
+    ap.add_argument("--residual-gate", type=float, default=None, help="resunet: the gate of the correction")
     args = ap.parse_args()
     ck = load_checkpoint(args.src)
+    cfg = ck["models"]["denoiser"]["config"]
+    if (args.map_fit or args.residual_gate is not None) and cfg.get("arch") != "resunet":
+        ap.error("--map-fit and --residual-gate need a resunet denoiser")
     if args.map_fit:
-        if ck["models"]["denoiser"]["config"].get("arch") != "resunet":
-            ap.error("--map-fit needs a resunet denoiser")
-        ck["models"]["denoiser"]["config"]["map_fit"] = True
+        cfg["map_fit"] = True
+    if args.residual_gate is not None:
+        if not args.residual_gate > 0:
+            ap.error(f"--residual-gate must be > 0, got {args.residual_gate}")
+        cfg["residual_gate"] = float(args.residual_gate)
     models = {name: model_from_checkpoint(ck, name) for name in ck["models"]}
     training = dict(ck.get("training", {}))
-    training["exported_from"] = {"sha256": ck["sha256"], "dtype": args.dtype, "map_fit": args.map_fit}
+    training["exported_from"] = {"sha256": ck["sha256"], "dtype": args.dtype, "map_fit": args.map_fit,
+                                 "residual_gate": cfg.get("residual_gate")}
     dtype = torch.float16 if args.dtype == "float16" else None
     path = save_checkpoint(args.dst, models, normalization=ck["normalization"], training=training, dtype=dtype)
     print(f"{path}: {path.stat().st_size / 1e6:.2f} MB")
