@@ -369,11 +369,11 @@ def fit_noise_map(
     A per-pixel estimate fluctuates even where the noise is flat (Gaussian) and is biased by the
     texture under it (lung parenchyma under 2 % Gaussian noise: read 20-25 % low), so the denoiser
     over- and under-smooths with it; yet the noise of real scanners does depend on the signal
-    (Poisson, Rician, speckle). So the variance is fitted as ``a + b I + c I^2`` of the 5x5-smoothed intensity ``I``
-    (weighted least squares over ``bins`` equal-count intensity bins: a Poisson-Gaussian model plus
-    a multiplicative term), and the map's deviations from the fit are soft-thresholded at ``tau``
-    times the fit: small fluctuations vanish, large local departures (an artifact in one region)
-    stay.
+    (Poisson, Rician, speckle). So the variance is fitted as ``a + b I + c I^2`` of the
+    5x5-smoothed intensity ``I`` (weighted least squares over ``bins`` equal-count intensity bins:
+    a Poisson-Gaussian model plus a multiplicative term), and the map's deviations from the fit
+    are soft-thresholded at ``tau`` times the fit: small fluctuations vanish, large local
+    departures (an artifact in one region) stay.
 
     Measured on the held-out patients, the shipped FP model with and without it (same weights;
     ``Resources/Models/README.md``): Gaussian 2 % +0.16 dB, Poisson 200 +0.65 dB, 13-type grid mean
@@ -411,9 +411,8 @@ def fit_noise_map(
         basis = torch.stack([t**k for k in range(deg + 1)], 1).double()
         coef = torch.linalg.lstsq(basis * w, var.double()[:, None] * w).solution[:, 0].tolist()
         tp = ((pooled[b, 0].float() - lo) / span).clamp(0, 1)
-        fitted = sum(c * tp**k for k, c in enumerate(coef))
         # a quadratic may dip below zero between bins: floor it at a twentieth of the lowest bin
-        fitted = torch.as_tensor(fitted, device=tp.device).clamp_min(0.05 * float(var.min()))
+        fitted = sum(c * tp**k for k, c in enumerate(coef)).clamp_min(0.05 * float(var.min()))
         out[b, 0] = fitted.sqrt().to(out.dtype)
     fitted = F.avg_pool2d(out, 5, stride=1, padding=2, count_include_pad=False)
     d = noise_map - fitted

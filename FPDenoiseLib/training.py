@@ -509,8 +509,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
     elif init is not None and "denoiser" in init["models"] and _widens(init["models"]["denoiser"]["config"], cfg.model_config("denoiser")):
         # a wider --base-channels than the init's: grow it, output unchanged (widen_resunet)
         small = model_from_checkpoint(init, "denoiser")
-        small.config.update(residual_gate=float(cfg.residual_gate), impulse_filter=bool(cfg.impulse_filter),
-                            **({"map_fit": True} if cfg.map_fit else {}))
+        # the settings that own no weights follow the command line, as on the same-shape path
+        want = cfg.model_config("denoiser")
+        small.config = {**{k: v for k, v in small.config.items() if k not in _WEIGHTLESS},
+                        **{k: want[k] for k in _WEIGHTLESS if k in want}}
         D = widen_resunet(small, cfg.model_config("denoiser")["channels"], seed=cfg.seed + 1)
     else:
         if cfg.stage == "estimator":

@@ -485,11 +485,13 @@ def test_widening_a_resunet_keeps_its_output_and_then_trains_the_new_channels(tm
 
     kw = dict(arch="resunet", loss="mse", restoration_steps=3, val_every=6, ckpt_every=6,
               noises=["gaussian"], level_range=(0.0, 0.8))
-    base = train(_cfg(tmp_path, out=str(tmp_path / "b4.pt"), steps=6, **kw))
+    base = train(_cfg(tmp_path, out=str(tmp_path / "b4.pt"), steps=6, map_fit=True, **kw))
     wide = load_checkpoint(train(_cfg(tmp_path, out=str(tmp_path / "b6.pt"), init=str(base), base_channels=6,
                                       steps=6, **kw)))
     D = model_from_checkpoint(wide, "denoiser")
     assert wide["models"]["denoiser"]["config"]["channels"] == [6, 12, 24, 48]
+    # settings that own no weights follow the command line (no --map-fit here), not the init
+    assert "map_fit" not in wide["models"]["denoiser"]["config"]
     # the tail's edges from the 2 new top-level channels started at 0 and were trained
     assert float(D.tail.weight.detach()[:, 4:].abs().sum()) > 0
     # and the old channels started from the trained weights, not from scratch
