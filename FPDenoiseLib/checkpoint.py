@@ -30,7 +30,7 @@ from torch import nn
 
 from . import __version__
 from .errors import CheckpointError
-from .models import build_model
+from .models import build_model, weight_config
 
 FORMAT = "fpdenoise-checkpoint/1"
 
@@ -203,7 +203,8 @@ def average_models(
 
     Meant for fine-tunes of one common ancestor (e.g. two noise mixes continued from the same
     weights, or a base and specialists fine-tuned on one noise type each): their average usually
-    keeps most of the gains of each at no inference cost. ``weights`` (default uniform) are
+    keeps most of the gains of each at no inference cost. Settings that own no weights (gate,
+    map fit: ``WEIGHTLESS_KEYS``) may differ and are the first's. ``weights`` (default uniform) are
     normalised to sum 1; ``[0.5, 0.25, 0.25]`` of a base and two specialists is the base plus
     a quarter of each specialist's weight change. Nets of different shapes cannot be averaged.
 
@@ -217,7 +218,7 @@ def average_models(
     if not ckpts:
         raise CheckpointError("average_models: no checkpoints given")
     configs = [c["models"][name]["config"] for c in ckpts]
-    if any(cfg != configs[0] for cfg in configs[1:]):
+    if any(weight_config(cfg) != weight_config(configs[0]) for cfg in configs[1:]):
         raise CheckpointError(f"average_models: the {name} nets differ in architecture: {configs}")
     w = [1.0] * len(ckpts) if weights is None else [float(x) for x in weights]
     if len(w) != len(ckpts) or any(x < 0 or x != x for x in w) or sum(w) <= 0:

@@ -558,6 +558,16 @@ def _estimate_sigma(x: torch.Tensor) -> torch.Tensor:
     return d.abs().flatten(1).median(dim=1).values / 0.6745
 
 
+# config keys that own no weights: nets that differ only in these share one weight layout (an init,
+# a soup); the command line or the first checkpoint decides their values
+WEIGHTLESS_KEYS = ("residual_gate", "impulse_filter", "map_fit")
+
+
+def weight_config(config: dict) -> dict:
+    """``config`` without the settings that own no weights (:data:`WEIGHTLESS_KEYS`)."""
+    return {k: v for k, v in config.items() if k not in WEIGHTLESS_KEYS}
+
+
 def build_model(config: dict) -> nn.Module:
     """Rebuild a network from its ``config`` dict (as stored in checkpoints).
 

@@ -38,7 +38,7 @@ from .device import pick_device
 from .errors import CheckpointError, InputError
 from .intensity import DEFAULT_POLICY
 from .losses import MAP_LOSSES, RESIDUAL_NORMS, FPLoss, map_error
-from .models import ResUNet, build_model, local_noise_map, widen_resunet
+from .models import WEIGHTLESS_KEYS, ResUNet, build_model, local_noise_map, weight_config, widen_resunet
 from .xai import DEFAULT_READOUT, guided_backprop
 
 STAGES = ("restoration", "denoiser", "both", "estimator")
@@ -122,13 +122,9 @@ class TrainConfig:
         }
 
 
-# model settings that own no weights: a checkpoint trained with other values still initialises the net
-_WEIGHTLESS = ("residual_gate", "impulse_filter", "map_fit")
-
-
 def _same_weights(a: dict, b: dict) -> bool:
-    strip = lambda c: {k: v for k, v in c.items() if k not in _WEIGHTLESS}  # noqa: E731
-    return strip(a) == strip(b)
+    # a checkpoint trained with other weightless settings still initialises the net
+    return weight_config(a) == weight_config(b)
 
 
 def _widens(a: dict, b: dict) -> bool:
@@ -511,8 +507,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         small = model_from_checkpoint(init, "denoiser")
         # the settings that own no weights follow the command line, as on the same-shape path
         want = cfg.model_config("denoiser")
-        small.config = {**{k: v for k, v in small.config.items() if k not in _WEIGHTLESS},
-                        **{k: want[k] for k in _WEIGHTLESS if k in want}}
+        small.config = {**weight_config(small.config), **{k: want[k] for k in WEIGHTLESS_KEYS if k in want}}
         D = widen_resunet(small, cfg.model_config("denoiser")["channels"], seed=cfg.seed + 1)
     else:
         if cfg.stage == "estimator":

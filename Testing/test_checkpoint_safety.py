@@ -246,6 +246,21 @@ def test_average_models_script_soups_denoisers_and_refuses_mismatches(tmp_path):
     assert res.returncode != 0 and "differ in architecture" in res.stderr
 
 
+def test_average_models_ignores_settings_that_own_no_weights():
+    """A shipped file (gate 200, map fit) soups with a fine-tune of it (gate 150): the first's settings win."""
+    from FPDenoiseLib.checkpoint import average_models, make_checkpoint
+    from FPDenoiseLib.models import ResUNet
+
+    torch.manual_seed(0)
+    a = ResUNet(channels=(4, 8), blocks=1, residual_gate=200.0, map_fit=True)
+    b = ResUNet(channels=(4, 8), blocks=1, residual_gate=150.0)
+    cks = [make_checkpoint({"denoiser": m}, normalization={}) for m in (a, b)]
+    soup = average_models(cks)
+    assert soup.config == a.config and soup.config["map_fit"] and soup.config["residual_gate"] == 200.0
+    assert torch.allclose(soup.head.weight, (a.head.weight + b.head.weight) / 2)
+    assert "map_fit" not in average_models(cks[::-1]).config
+
+
 def test_export_sets_weightless_settings_and_halves_the_file(tmp_path):
     """scripts/export_model.py: float16 copy, verified hash, --map-fit / --residual-gate on a resunet;
     refused (exit 2, nothing written) on another architecture."""
