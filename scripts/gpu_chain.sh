@@ -15,6 +15,9 @@
 # Results in $OUT: base.pt, fp.pt, twin.pt (float16) and logs.tgz. Compare on the held-out set
 # (benchmarks/quality.py, fpdenoise benchmark) before shipping; the FP term's lambda stays 0.08 (the
 # shipped value under --residual-norm log; scripts/fp_lambda_probe.py --transfer-lambda).
+# The 2026-11-27 run's models were worse alone than the CPU chain at low noise; what paid was souping its twin
+# with the shipped twin, merging specialists and interpolating the mix fine-tunes (stages 30-32 of
+# Resources/Models/README.md). Do the same with the next run's twin.pt.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; DEVICE=${DEVICE:-cuda}; BUDGET_A=${BUDGET_A:-200}; BUDGET_B=${BUDGET_B:-150}
 HARD_S=${HARD_S:-450}; CAL_STEPS=${CAL_STEPS:-300}; BANK=${BANK:-40000}; BATCH=${BATCH:-64}; PATCH=${PATCH:-128}
