@@ -286,3 +286,10 @@ def test_export_sets_weightless_settings_and_halves_the_file(tmp_path):
     unet = _good(tmp_path / "unet.pt")
     r = run(unet, tmp_path / "bad.pt", "--residual-gate", "200")
     assert r.returncode == 2 and "resunet" in r.stderr and not (tmp_path / "bad.pt").exists()
+    # a checkpoint without a denoiser (stage restoration) still exports; the settings are refused on it
+    f_only = save_checkpoint(tmp_path / "f.pt", {"restoration": UNet(base_channels=4, depth=2)}, normalization=DEFAULT_POLICY)
+    r = run(f_only, tmp_path / "f16.pt")
+    assert r.returncode == 0, r.stderr
+    assert set(load_checkpoint(tmp_path / "f16.pt")["models"]) == {"restoration"}
+    r = run(f_only, tmp_path / "bad.pt", "--map-fit")
+    assert r.returncode == 2 and "resunet" in r.stderr and not (tmp_path / "bad.pt").exists()

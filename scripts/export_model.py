@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--residual-gate", type=float, default=None, help="resunet: the gate of the correction")
     args = ap.parse_args()
     ck = load_checkpoint(args.src)
-    cfg = ck["models"]["denoiser"]["config"]
+    cfg = ck["models"].get("denoiser", {}).get("config", {})  # a restoration-only checkpoint has none
     if (args.map_fit or args.residual_gate is not None) and cfg.get("arch") != "resunet":
         ap.error("--map-fit and --residual-gate need a resunet denoiser")
     if args.map_fit:
