@@ -508,7 +508,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         # the settings that own no weights follow the command line, as on the same-shape path
         want = cfg.model_config("denoiser")
         small.config = {**weight_config(small.config), **{k: want[k] for k in WEIGHTLESS_KEYS if k in want}}
-        D = widen_resunet(small, cfg.model_config("denoiser")["channels"], seed=cfg.seed + 1)
+        D = widen_resunet(small, want["channels"], seed=cfg.seed + 1)
     else:
         if cfg.stage == "estimator":
             raise CheckpointError("stage 'estimator' trains the noise estimator of a trained denoiser: pass --init CKPT")
