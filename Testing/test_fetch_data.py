@@ -216,6 +216,46 @@ def test_pydicom_converter_clips_padding(tmp_path):
 
 
 # ------------------------------------------------------------------------------ policy / writing
+def _nii_bytes(arr: np.ndarray, spacing, tmp_path: Path) -> bytes:
+    im = sitk.GetImageFromArray(arr)
+    im.SetSpacing(spacing)
+    q = tmp_path / "tmp_src.nii.gz"
+    sitk.WriteImage(im, str(q))
+    data = q.read_bytes()
+    q.unlink()
+    return data
+
+
+def test_totalsegmentator_converter_takes_distinct_patients_only(tmp_path):
+    rng = np.random.default_rng(3)
+    chest = rng.integers(-1024, 1500, (4, 10, 14)).astype(np.int16)
+    abdomen = rng.integers(-1024, 1500, (3, 9, 11)).astype(np.int32)  # the sdist stores this one as int32
+    root = "totalsegmentator-2.18.0/tests/reference_files"
+    p = tmp_path / "totalsegmentator-2.18.0.tar.gz"
+    with tarfile.open(p, "w:gz") as tf:
+        _add(tf, f"{root}/aorta_report/example_ct.nii.gz", _nii_bytes(chest, (1.5, 1.5, 1.5), tmp_path))
+        _add(tf, f"{root}/example_ct.nii.gz", _nii_bytes(abdomen, (3.0, 3.0, 3.0), tmp_path))
+        _add(tf, f"{root}/pulmonary_report/models/ct_cropped.nii.gz", _nii_bytes(chest[1:3], (1.5,) * 3, tmp_path))
+    vols = {v.name: v for v in ftd.convert_totalsegmentator(p)}
+    assert set(vols) == {"totalseg_chest", "totalseg_abdomen"}  # the crop of the chest CT is not a new patient
+    np.testing.assert_array_equal(vols["totalseg_chest"].array, chest)
+    assert vols["totalseg_abdomen"].array.dtype == np.int16
+    np.testing.assert_array_equal(vols["totalseg_abdomen"].array, abdomen)
+    assert vols["totalseg_abdomen"].spacing == (3.0, 3.0, 3.0) and vols["totalseg_chest"].modality == "CT"
+    assert all(ftd.split_for(n) == "train" for n in vols)
+
+
+def test_totalsegmentator_converter_refuses_non_hu(tmp_path):
+    root = "totalsegmentator-2.18.0/tests/reference_files"
+    p = tmp_path / "ts.tar.gz"
+    mr_like = np.random.default_rng(4).integers(0, 800, (3, 8, 8)).astype(np.int16)
+    with tarfile.open(p, "w:gz") as tf:
+        _add(tf, f"{root}/aorta_report/example_ct.nii.gz", _nii_bytes(mr_like, (1.5,) * 3, tmp_path))
+        _add(tf, f"{root}/example_ct.nii.gz", _nii_bytes(mr_like, (3.0,) * 3, tmp_path))
+    with pytest.raises(ValueError, match="HU"):
+        ftd.convert_totalsegmentator(p)
+
+
 def test_split_by_patient():
     assert ftd.split_for("pyradiomics_lung2") == "heldout"
     assert ftd.split_for("pydicom_j2k_head") == "heldout"

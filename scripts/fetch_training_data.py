@@ -11,7 +11,9 @@ Sources (see Resources/TrainingData/README.md for the licence / provenance table
 * ``pylinac``      -- ``pylinac==1.0.0`` wheel (MIT): CatPhan cone-beam CT (DICOM series) and two megavoltage
   EPID portal images (RTIMAGE, stored as 1-slice "DX" volumes);
 * ``pydicom``      -- ``pydicom`` 3.x wheel (MIT): ``J2K_pixelrep_mismatch.dcm`` head CT slice (JPEG 2000; needs
-  ``pylibjpeg`` + ``pylibjpeg-openjpeg``, installed on demand unless ``--no-install``).
+  ``pylibjpeg`` + ``pylibjpeg-openjpeg``, installed on demand unless ``--no-install``);
+* ``totalsegmentator`` -- ``totalsegmentator==2.18.0`` sdist (Apache-2.0): its test CTs, a contrast chest CT
+  (1.5 mm isotropic) and an abdomen CT (3 mm), NIfTI in HU.
 
 Layout of ``--out`` (default ``data/real``; never committed)::
 
@@ -133,10 +135,11 @@ def _to_hu_int16(hu: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
 
 
-def _read_nrrd_bytes(data: bytes):
+def _read_image_bytes(data: bytes, suffix: str):
+    """SimpleITK image from an in-memory file (``suffix`` picks the reader: ".nrrd", ".nii.gz")."""
     import SimpleITK as sitk
 
-    fd, tmp = tempfile.mkstemp(suffix=".nrrd")
+    fd, tmp = tempfile.mkstemp(suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -165,7 +168,7 @@ def convert_pyradiomics(sdist: Path) -> list[Volume]:
             if base not in members:
                 raise FileNotFoundError(f"{sdist}: no data/{base} inside")
             m = members[base]
-            im = _read_nrrd_bytes(tf.extractfile(m).read())
+            im = _read_image_bytes(tf.extractfile(m).read(), ".nrrd")
             if im.GetDimension() != 3 or im.GetNumberOfComponentsPerPixel() != 1:
                 raise ValueError(f"{sdist}:{m.name}: expected a scalar 3D volume")
             arr = sitk.GetArrayFromImage(im)
@@ -208,6 +211,41 @@ def convert_invesalius(inv3: Path) -> list[Volume]:
     modality = str(meta.get("modality", "CT")).upper() or "CT"
     return [Volume("invesalius_cranium", arr, (sx, sy, sz), modality, str(meta.get("name", "invesalius-cranium")),
                    f"{inv3.name}:{member}", note=note)]
+
+
+#: totalsegmentator sdist member (below ``<root>/tests/reference_files/``) -> (output name, patient). The sdist
+#: has more CTs, but ``aorta_report/test_result/models/ct*.nii.gz`` and ``pulmonary_report/models/
+#: ct_cropped.nii.gz`` are copies / crops of the chest CT (checked: same voxels), so they are not taken.
+TOTALSEG_FILES = {
+    "aorta_report/example_ct.nii.gz": ("totalseg_chest", "totalsegmentator-example-chest"),
+    "example_ct.nii.gz": ("totalseg_abdomen", "totalsegmentator-example-abdomen"),
+}
+
+
+def convert_totalsegmentator(sdist: Path) -> list[Volume]:
+    """totalsegmentator sdist (.tar.gz) -> its example CT volumes (int16 HU, resampled isotropic in the source)."""
+    import SimpleITK as sitk
+
+    out = []
+    with tarfile.open(sdist, "r:gz") as tf:
+        members = {}
+        for m in tf.getmembers():
+            if m.isfile() and "/tests/reference_files/" in m.name:
+                members[m.name.split("/tests/reference_files/", 1)[1]] = m
+        for rel, (name, patient) in TOTALSEG_FILES.items():
+            if rel not in members:
+                raise FileNotFoundError(f"{sdist}: no tests/reference_files/{rel} inside")
+            m = members[rel]
+            im = _read_image_bytes(tf.extractfile(m).read(), ".nii.gz")
+            if im.GetDimension() != 3 or im.GetNumberOfComponentsPerPixel() != 1:
+                raise ValueError(f"{sdist}:{m.name}: expected a scalar 3D volume")
+            arr = sitk.GetArrayFromImage(im)
+            if float(np.percentile(arr[:, ::4, ::4], 1)) > -500:
+                raise ValueError(f"{sdist}:{m.name}: does not look like CT in HU (no air near -1000)")
+            out.append(Volume(name, _to_hu_int16(arr), tuple(map(float, im.GetSpacing())), "CT", patient, m.name,
+                              tuple(map(float, im.GetOrigin())), tuple(map(float, im.GetDirection())),
+                              note="resampled isotropic by the package authors (test fixture)"))
+    return out
 
 
 def _hu_from_dicom(ds) -> np.ndarray:
@@ -379,6 +417,10 @@ def fetch_pylinac(tmp: Path) -> Path:
     return pip_download("pylinac==1.0.0", tmp)
 
 
+def fetch_totalsegmentator(tmp: Path) -> Path:
+    return pip_download("totalsegmentator==2.18.0", tmp, sdist=True)
+
+
 def _pydicom_version() -> str:
     try:
         import pydicom
@@ -446,6 +488,9 @@ SOURCES: dict[str, Source] = {
                       ("pylinac_cbct_head", *PYLINAC_EPID.values()), fetch_pylinac, convert_pylinac, "PyPI wheel"),
     "pydicom": Source("pydicom", "pydicom", ">=3 (wheel)", "MIT", ("pydicom_j2k_head",), fetch_pydicom,
                       convert_pydicom_j2k, "PyPI wheel"),
+    "totalsegmentator": Source("totalsegmentator", "totalsegmentator", "2.18.0 (sdist)", "Apache-2.0",
+                               tuple(v[0] for v in TOTALSEG_FILES.values()), fetch_totalsegmentator,
+                               convert_totalsegmentator, "PyPI sdist"),
 }
 
 
