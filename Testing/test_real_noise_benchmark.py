@@ -1,0 +1,42 @@
+"""benchmarks/real_noise.py on a small synthetic CT whose per-slice noise is known."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("real_noise", REPO / "benchmarks" / "real_noise.py")
+rn = importlib.util.module_from_spec(_spec)
+sys.modules["real_noise"] = rn
+_spec.loader.exec_module(rn)
+
+
+def test_noise_sd_reads_the_injected_noise_and_ranks_a_filter(tmp_path):
+    from FPDenoiseLib.io import Image, write_image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :96]
+    body = (yy - 48) ** 2 + (xx - 48) ** 2 < 40**2
+    clean = np.where(body, 40.0, -1000.0).astype(np.float32)
+    vol = np.stack([clean + rng.normal(0, 20.0, clean.shape) for _ in range(4)])  # 20 HU, independent per slice
+    write_image(Image(vol.astype(np.int16), (0.7, 0.7, 1.25), (0, 0, 0), modality="CT"), tmp_path / "d" / "ct.nrrd")
+    out = tmp_path / "out"
+    assert rn.main(["--data", str(tmp_path / "d"), "--per-volume", "1", "--no-bm3d", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "real_noise.csv"))}
+    assert abs(float(rows["noisy"]["noise_sd"]) - 20.0) < 2.0
+    # noise-to-noise RMSE of the input: both slices' noise, sqrt(2) x 20 HU
+    assert abs(float(rows["noisy"]["n2n_rmse"]) - 20.0 * np.sqrt(2)) < 3.0
+    assert float(rows["median"]["noise_sd"]) < 0.6 * float(rows["noisy"]["noise_sd"])
+    assert float(rows["median"]["n2n_rmse"]) < float(rows["noisy"]["n2n_rmse"])
+    assert "noise left" in (out / "real_noise.md").read_text()
+
+
+def test_no_volumes_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert rn.main(["--data", str(tmp_path / "empty"), "--no-bm3d", "--out", str(tmp_path / "o")]) == 2
+    assert "fetch_training_data" in capsys.readouterr().err
