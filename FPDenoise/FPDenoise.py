@@ -37,7 +37,7 @@ from FPDenoiseLib.display import BACKGROUND_PERCENTILE  # noqa: E402
 
 NOISE_NAMES = (
     "gaussian", "poisson", "speckle", "noncentral_chi", "rician", "salt_pepper", "structured",
-    "thermal", "magnetic_field", "chemical_shift", "motion", "wrap_around", "susceptibility",
+    "thermal", "magnetic_field", "chemical_shift", "motion", "wrap_around", "susceptibility", "ct_correlated",
 )  # fmt: skip  (same as FPDenoiseLib.noise.NOISE_NAMES; listed here so the GUI builds before torch is installed)
 PAPER = (
     "Medical Image Denoising via Explainable AI Feature Preserving Loss "
@@ -65,7 +65,7 @@ class FPDenoise(ScriptedLoadableModule):
             "|GB(denoised) - GB(input)| (where denoising changed structure), shown side by side as Inferno "
             "overlays, and the feature score (1.0 = every feature kept). <b>Strength</b>: 0 = input unchanged, "
             "0.5 low, 1 medium (as trained), 2 high.<br>"
-            "<b>Simulate noise</b>: add one of 13 noise / artifact types to a clean volume to try the "
+            "<b>Simulate noise</b>: add one of 14 noise / artifact types to a clean volume to try the "
             "denoiser against ground truth (PSNR / SSIM).<br>"
             "<b>Train</b>: fine-tune on your loaded clean volumes in a background process (cancellable); "
             "the result is a checkpoint you can select as the model."

@@ -62,7 +62,7 @@ from .benchmark_report import (
 from .errors import InputError, OutputError
 from .intensity import Normalizer
 from .metrics import feature_preservation, psnr, ssim
-from .noise import DEFAULT_LEVEL, NOISE_NAMES
+from .noise import DEFAULT_LEVEL, NOISE_NAMES, PAPER_NOISE_NAMES
 
 __all__ = [
     "BenchImage",
@@ -353,7 +353,7 @@ def run_benchmark(
     *,
     model: str | os.PathLike | None = None,
     baseline_models: Sequence[str] = (),
-    noises: Sequence[str] = NOISE_NAMES,
+    noises: Sequence[str] = PAPER_NOISE_NAMES,
     methods: Sequence[str] | None = None,
     levels: Sequence[float] = (DEFAULT_LEVEL,),
     max_images: int | None = 20,

@@ -26,7 +26,7 @@ os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 NOISE_CHOICES = (
     "gaussian", "poisson", "speckle", "noncentral_chi", "rician", "salt_pepper", "structured", "thermal",
-    "magnetic_field", "chemical_shift", "motion", "wrap_around", "susceptibility",
+    "magnetic_field", "chemical_shift", "motion", "wrap_around", "susceptibility", "ct_correlated",
 )  # fmt: skip  (same order as FPDenoiseLib.noise.NOISE_NAMES; kept here so --help needs no torch)
 
 

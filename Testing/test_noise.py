@@ -1,4 +1,4 @@
-"""Tests of the 13 noise/artifact models: contract (shape, dtype, purity, seeds, errors) and the
+"""Tests of the 14 noise/artifact models (the paper's 13 + CT noise texture): contract (shape, dtype, purity, seeds, errors) and the
 statistical/physical signature of each model."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from FPDenoiseLib.noise import (
     DEFAULT_LEVEL,
     NOISE_NAMES,
     NOISES,
+    PAPER_NOISE_NAMES,
     ChemicalShiftArtifact,
+    CTCorrelatedNoise,
     GaussianNoise,
     MagneticFieldInhomogeneity,
     MixNoise,
@@ -52,10 +54,11 @@ def phantom(shape=(64, 64)) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- registry / contract
-def test_registry_has_exactly_the_13_names_in_order():
-    assert len(NOISE_NAMES) == 13 and len(set(NOISE_NAMES)) == 13
-    assert tuple(NOISES) == NOISE_NAMES
-    assert NOISE_NAMES[0] == "gaussian" and NOISE_NAMES[-1] == "susceptibility"
+def test_registry_has_the_paper_13_in_order_then_ct_noise():
+    assert len(NOISE_NAMES) == 14 and len(set(NOISE_NAMES)) == 14
+    assert tuple(NOISES) == NOISE_NAMES and PAPER_NOISE_NAMES == NOISE_NAMES[:13]
+    assert NOISE_NAMES[0] == "gaussian" and PAPER_NOISE_NAMES[-1] == "susceptibility"
+    assert NOISE_NAMES[-1] == "ct_correlated"
     for name, cls in NOISES.items():
         assert issubclass(cls, NoiseModel) and cls.name == name
         assert cls.__doc__ and "Level" in cls.__doc__ and ">>>" in cls.__doc__
@@ -260,6 +263,28 @@ def test_structured_spectral_peak_at_period():
     vol = phantom((3, 64, 64))
     d = StructuredNoise(seed=2)(vol) - vol
     np.testing.assert_allclose(d[0], d[2], atol=1e-6)
+
+
+def test_ct_correlated_std_spectrum_and_slice_independence():
+    n = CTCorrelatedNoise(sigma=0.02, cutoff=0.3, seed=0)(np.zeros((4, 256, 256)))
+    assert abs(n.std() - 0.02) < 0.001 and abs(n.mean()) < 0.001
+    # radial power: none at DC, a mid-band peak, nothing above the cutoff (white noise would be flat)
+    ps = np.mean(np.abs(np.fft.fft2(n, axes=(-2, -1))) ** 2, axis=0)
+    f = np.hypot(np.fft.fftfreq(256)[:, None], np.fft.fftfreq(256)[None, :])
+    band = [ps[(f >= lo) & (f < lo + 0.05)].mean() for lo in (0.0, 0.1, 0.3, 0.4)]
+    assert band[1] > 1.3 * band[0] and band[1] > 1e6 * band[3] and ps[0, 0] < 1e-6 * band[1]
+    # neighbouring pixels are correlated (grain), neighbouring slices are not
+    r_px = np.corrcoef(n[:, :, :-1].ravel(), n[:, :, 1:].ravel())[0, 1]
+    r_z = np.corrcoef(n[:-1].ravel(), n[1:].ravel())[0, 1]
+    assert r_px > 0.3 and abs(r_z) < 0.02
+    # a sharper kernel (higher cutoff) gives a finer grain
+    sharp = CTCorrelatedNoise(sigma=0.02, cutoff=0.6, seed=0)(np.zeros((256, 256)))
+    assert np.corrcoef(sharp[:, :-1].ravel(), sharp[:, 1:].ravel())[0, 1] < r_px
+    with pytest.raises(InputError):
+        CTCorrelatedNoise(cutoff=0.0)
+    with pytest.raises(InputError):
+        CTCorrelatedNoise(cutoff=0.9)
+    assert "ct_correlated" not in PAPER_NOISE_NAMES
 
 
 def test_thermal_image_domain_std_matches_sigma():

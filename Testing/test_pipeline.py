@@ -197,7 +197,7 @@ def test_ema_ships_the_moving_average_of_the_live_weights(tmp_path):
 def test_cli_noises_simulate_denoise_saliency(tmp_path, ct_nrrd, tiny_checkpoint, capsys):
     assert main(["noises"]) == 0
     names = capsys.readouterr().out.split()
-    assert len(names) == 13 and names[0] == "gaussian"
+    assert len(names) == 14 and names[0] == "gaussian" and names[-1] == "ct_correlated"
 
     noisy = tmp_path / "noisy.nrrd"
     assert main(["simulate", str(ct_nrrd), str(noisy), "--noise", "rician", "--level", "0.6", "--seed", "1"]) == 0

@@ -321,7 +321,7 @@ def test_simulate_noise_and_metrics(logic, ct):
     with pytest.raises(InputError, match="unknown"):
         logic.simulateNoise(ct, "not-a-noise", 0.5)
 
-    # Every one of the 13 noise types runs through the Logic on an oblique CT volume.
+    # Every one of the 14 noise types runs through the Logic on an oblique CT volume.
     from FPDenoiseLib.noise import NOISE_NAMES
 
     for name in NOISE_NAMES:

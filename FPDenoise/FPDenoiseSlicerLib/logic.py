@@ -477,7 +477,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         *,
         modality: str | None = None,
     ):
-        """Add one of the 13 noise types (``FPDenoiseLib.noise.NOISE_NAMES``) at ``level`` in [0, 1].
+        """Add one of the 14 noise types (``FPDenoiseLib.noise.NOISE_NAMES``) at ``level`` in [0, 1].
 
         Noise is applied in the library's normalised range (CT: fixed HU window) and mapped back, so the
         new volume ``"<input> <noise> <level>"`` is in the input's units and dtype; it remembers the
