@@ -33,7 +33,7 @@ def test_noise_sd_reads_the_injected_noise_and_ranks_a_filter(tmp_path):
     assert abs(float(rows["noisy"]["n2n_rmse"]) - 20.0 * np.sqrt(2)) < 3.0
     assert float(rows["median"]["noise_sd"]) < 0.6 * float(rows["noisy"]["noise_sd"])
     assert float(rows["median"]["n2n_rmse"]) < float(rows["noisy"]["n2n_rmse"])
-    assert "noise left" in (out / "real_noise.md").read_text()
+    assert "noise left" in (out / "real_noise.md").read_text() and (out / "figure.png").stat().st_size > 1000
 
 
 def test_no_volumes_is_a_clear_error(tmp_path, capsys):

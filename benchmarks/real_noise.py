@@ -18,7 +18,7 @@ Methods: the noisy input, ours and the MSE twin (blind), NL-means, median 5x5, w
 (non-commercial licence: benchmark only), the filters with their sigma estimated from the slice, as a
 user would run them.
 
-Run (about 3 min on 2 CPU cores with BM3D):
+Run (about 3 min on 2 CPU cores with BM3D; ``--extra NAME=CKPT`` adds a checkpoint to the comparison):
     python benchmarks/real_noise.py --data data/real/realnoise --out docs/results/real_noise
 """
 
@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--twin", default=None, help="MSE-only twin (default: the shipped twin beside --model)")
     p.add_argument("--per-volume", type=int, default=4)
     p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=CKPT",
+                   help="another checkpoint to compare (repeatable), e.g. an experiment not shipped")
     p.add_argument("--no-bm3d", action="store_true")
+    p.add_argument("--figure-pair", default=None, metavar="PAIR",
+                   help='write figure.png of this pair, e.g. "rider_lung_ct[118]" (default: the middle pair of the last volume)')
     p.add_argument("--out", default="docs/results/real_noise")
     args = p.parse_args(argv)
 
@@ -74,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     twin = args.twin or str(Path(args.model).with_name(MSE_TWIN_NAME))
     if Path(twin).exists():
         nets["mse_twin"] = Denoiser(twin, device="cpu", strength=args.strength)
+    for spec in args.extra:
+        name, _, ckpt = spec.rpartition("=")
+        if not name or not Path(ckpt).is_file():
+            print(f"error: --extra wants NAME=CKPT with an existing checkpoint, got {spec!r}", file=sys.stderr)
+            return 2
+        nets[name] = Denoiser(ckpt, device="cpu", strength=args.strength)
     classical = ["nlmeans", "median", "wavelet"] + ([] if args.no_bm3d else ["bm3d"])
     pairs = slice_pairs(args.data, args.per_volume)
     if not pairs:
@@ -81,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     policy = nets["ours"].policy
     rows = []
+    last = [n for n, _, _ in pairs if n.split("[")[0] == pairs[-1][0].split("[")[0]]
+    fig_pair = args.figure_pair or last[len(last) // 2]
+    fig_outs: dict[str, np.ndarray] = {}
     for name, a, b in pairs:
         norm = Normalizer.for_array(np.stack([a, b]), modality="CT", policy=policy)
         xa, xb = norm.forward(a), norm.forward(b)
@@ -94,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             ya, yb = (norm.inverse(baselines.denoise(m, x)) for x in (xa, xb))
             outs[m] = (ya, yb, (time.perf_counter() - t0) / 2)
+        if name == fig_pair:
+            fig_outs = {m: v[0] for m, v in outs.items()}
         for m, (ya, yb, sec) in outs.items():
             rows.append({
                 "pair": name, "method": m,
@@ -109,11 +124,34 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    if fig_outs:
+        figure(fig_outs, fig_pair, out / "figure.png")
     md = render(rows, args, pairs)
     with atomic_path(out / "real_noise.md") as tmp:
         Path(tmp).write_text(md)
     print(md)
     return 0
+
+
+def figure(outs: dict[str, np.ndarray], title: str, path: Path) -> None:
+    """The central 40 % of one slice for every method, soft-tissue window (-160..240 HU)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, w = next(iter(outs.values())).shape
+    crop = (slice(int(0.3 * h), int(0.7 * h)), slice(int(0.3 * w), int(0.7 * w)))
+    fig, ax = plt.subplots(1, len(outs), figsize=(4 * len(outs), 4.4))
+    for a, (m, y) in zip(np.atleast_1d(ax), outs.items()):
+        a.imshow(y[crop], cmap="gray", vmin=-160, vmax=240)
+        a.set_title(m)
+        a.axis("off")
+    fig.suptitle(f"{title}: real scanner noise, soft-tissue window")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=60)
+    plt.close(fig)
 
 
 def render(rows: list[dict], args: argparse.Namespace, pairs: list) -> str:
@@ -123,7 +161,8 @@ def render(rows: list[dict], args: argparse.Namespace, pairs: list) -> str:
              f"Model `{Path(args.model).name}`, strength {args.strength}. noise SD: std of the difference of the two",
              "denoised neighbours / sqrt 2 in homogeneous soft tissue (HU, lower = more noise removed); n2n RMSE:",
              "RMSE against the noisy neighbour slice in the body (HU; lower = closer to the anatomy). Per volume,",
-             "then the share of the input's noise SD left.", "",
+             "then the share of the input's noise SD left. `figure.png`: one slice, every method.",
+             *([f"Also compared (not shipped): {', '.join(args.extra)}."] if args.extra else []), "",
              "| method | " + " | ".join(f"{v} noise SD / n2n RMSE" for v in vols) + " | noise left (mean) | s / slice |",
              "| --- | " + " | ".join("---:" for _ in vols) + " | ---: | ---: |"]
     base = {v: np.mean([r["noise_sd"] for r in rows if r["method"] == "noisy" and r["pair"].startswith(v + "[")])
