@@ -283,7 +283,13 @@ def test_export_sets_weightless_settings_and_halves_the_file(tmp_path):
     assert cfg["map_fit"] is True and cfg["residual_gate"] == 200.0
     assert ck["training"]["exported_from"]["sha256"] == load_checkpoint(src)["sha256"]
     assert all(v.dtype == torch.float16 for v in ck["models"]["denoiser"]["state_dict"].values() if v.is_floating_point())
+    # --shipped is the same pair of settings, from one place
+    r = run(src, tmp_path / "shipped.pt", "--shipped")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(tmp_path / "shipped.pt")["models"]["denoiser"]["config"] == cfg
     unet = _good(tmp_path / "unet.pt")
+    r = run(unet, tmp_path / "bad.pt", "--shipped")
+    assert r.returncode == 2 and "resunet" in r.stderr and not (tmp_path / "bad.pt").exists()
     r = run(unet, tmp_path / "bad.pt", "--residual-gate", "200")
     assert r.returncode == 2 and "resunet" in r.stderr and not (tmp_path / "bad.pt").exists()
     # a checkpoint without a denoiser (stage restoration) still exports; the settings are refused on it

@@ -6,7 +6,8 @@ float16 halves the file; weights are converted back to float32 on load. The cont
 recomputed for the new file and the training record (incl. validation history) is kept.
 ``--map-fit`` and ``--residual-gate`` set what owns no weights: the denoiser's noise map fitted to
 the local intensity (``FPDenoiseLib.models.fit_noise_map``) and the gate of its correction,
-``tanh(gate * map)`` (larger: full correction at lower noise).
+``tanh(gate * map)`` (larger: full correction at lower noise). ``--shipped`` sets both as the shipped
+models have them (:data:`SHIPPED`); an explicit ``--residual-gate`` still wins.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import torch
 
 from FPDenoiseLib.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
+#: the weightless settings of the shipped pair (stage 28 on; Resources/Models/README.md)
+SHIPPED = {"map_fit": True, "residual_gate": 200.0}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -25,7 +29,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--map-fit", action="store_true", help="resunet: fit the noise map to the local intensity")
     ap.add_argument("--residual-gate", type=float, default=None, help="resunet: the gate of the correction")
+    ap.add_argument("--shipped", action="store_true",
+                    help=f"the shipped models' settings: --map-fit --residual-gate {SHIPPED['residual_gate']:g}")
     args = ap.parse_args()
+    if args.shipped:
+        args.map_fit = args.map_fit or SHIPPED["map_fit"]
+        if args.residual_gate is None:
+            args.residual_gate = SHIPPED["residual_gate"]
     ck = load_checkpoint(args.src)
     cfg = ck["models"].get("denoiser", {}).get("config", {})  # a restoration-only checkpoint has none
     if (args.map_fit or args.residual_gate is not None) and cfg.get("arch") != "resunet":

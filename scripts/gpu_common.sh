@@ -25,7 +25,7 @@ watch_deadline() {  # pids...: wait for them until HARD_S has passed since the s
 export_results() {  # names...: float16 copies of $W/NAME.pt (partial checkpoints too; the noise map fitted to the
   # intensity and the gate at 200, as shipped: stages 27-28 of Resources/Models/README.md) and the logs into $OUT
   for n in "$@"; do
-    [ -f "$W/$n.pt" ] && python3 scripts/export_model.py "$W/$n.pt" "$OUT/$n.pt" --map-fit --residual-gate 200 >>"$W/env.log" 2>&1
+    [ -f "$W/$n.pt" ] && python3 scripts/export_model.py "$W/$n.pt" "$OUT/$n.pt" --shipped >>"$W/env.log" 2>&1
   done
   echo "total $(elapsed)s" >>"$W/env.log"
   tar -C "$W" -czf "$OUT/logs.tgz" $(cd "$W" && ls ./*.log)

@@ -27,4 +27,4 @@ for ARCH in resunet unet; do
       --out "$OUT/${ARCH}_${LOSS}_ft.pt"
   done
 done
-echo "done: $OUT/*_fp_ft.pt (ship with scripts/export_model.py --map-fit --residual-gate 200) and the MSE twins $OUT/*_mse_ft.pt"
+echo "done: $OUT/*_fp_ft.pt (ship with scripts/export_model.py --shipped) and the MSE twins $OUT/*_mse_ft.pt"
