@@ -6,8 +6,11 @@ mkdir -p "$OUT" "$W"; T0=$(date +%s)
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # the shipped mix since stage 15 (Gaussian 6x, Poisson 4x). The 2026-11-27 H100 run still had the 3x / 3x mix of
 # stages 1-14 and came out 1 dB under the shipped twin at Gaussian 2 % (a likely cause, not isolated: stage 29)
+# CT_NOISE=4 adds the CT scanner's noise texture (ct_correlated) at 4 of 25 draws (off by default: on the CPU it cost
+# 0.07 dB (twin) and 0.35 dB (FP model) at Gaussian 2 %, Resources/Models/README.md "Session of 2026-11-27 (night)").
 NOISE="gaussian gaussian gaussian gaussian gaussian gaussian poisson poisson poisson poisson speckle noncentral_chi
   rician salt_pepper structured thermal magnetic_field chemical_shift motion wrap_around susceptibility"
+for _ in $(seq 1 "${CT_NOISE:-0}"); do NOISE="$NOISE ct_correlated"; done
 (nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)") >"$W/env.log" 2>&1
 
 rate() {  # steps/s of a finished training log
