@@ -24,7 +24,7 @@ name                    physics / model                                         
 ``wrap_around``         phase-encode FOV too small: fold-over (periodisation)      fov_fraction=0.8             0.6
 ``susceptibility``      local dipole field: readout distortion + pile-up/drop-out  shift=3 px, dropout=0.6      6 px, 0.9
 ``ct_correlated``       CT quantum noise after filtered back-projection: white     sigma=0.015, kernel cutoff    0.05
-                        noise shaped by the NPS ``|f| * Hann(f / cutoff)^2``       random in [0.3, 0.71] cyc/px
+                        noise shaped by the NPS ``|f| * Hann(f / cutoff)^2``       random in [0.2, 0.6] cyc/px
 ======================  =========================================================  ==========================================
 
 The first 13 are the paper's (:data:`PAPER_NOISE_NAMES`, the benchmark grid). ``ct_correlated`` is
@@ -868,10 +868,9 @@ class CTCorrelatedNoise(NoiseModel):
     no power at zero frequency, a peak in the mid band, nothing above ``cutoff``. White Gaussian
     noise is shaped to that spectrum in the in-plane Fourier domain, slice by slice (independent
     between slices), and scaled to std ``sigma`` (normalised intensity units; 0.015 is about 60 HU on
-    the CT window). ``cutoff`` (cycles/pixel, in (0, 0.71]): lower for a smooth soft-tissue kernel,
-    higher for a sharp lung / bone kernel; None draws it uniformly in [0.3, 0.71] per call. The range
-    covers three real chest CTs (RIDER, LIDC-IDRI, LCTSC), whose finest-to-next wavelet noise ratio
-    (0.30-0.47) matches cutoffs of about 0.6-0.71 here. Level: sigma 0 -> 0.015 -> 0.05.
+    the CT window). ``cutoff`` (cycles/pixel, in (0, 0.71]): about 0.25 for a smooth soft-tissue
+    kernel, 0.5 for a sharp lung / bone kernel; None draws it uniformly in [0.2, 0.6] per call.
+    Level: sigma 0 -> 0.015 -> 0.05.
 
     >>> out = CTCorrelatedNoise(sigma=0.02, cutoff=0.4, seed=0)(np.zeros((128, 128)))
     >>> bool(abs(out.std() - 0.02) < 0.002)
@@ -894,7 +893,7 @@ class CTCorrelatedNoise(NoiseModel):
 
     def _apply(self, a: np.ndarray) -> np.ndarray:
         h, w = a.shape[-2:]
-        fc = self.cutoff if self.cutoff is not None else float(self._rng.uniform(0.3, 0.71))
+        fc = self.cutoff if self.cutoff is not None else float(self._rng.uniform(0.2, 0.6))
         f = np.hypot(sfft.fftfreq(h)[:, None], sfft.rfftfreq(w)[None, :])
         amp = np.sqrt(f) * np.where(f < fc, 0.5 * (1.0 + np.cos(np.pi * f / fc)), 0.0)
         # unit output variance: Parseval over the full spectrum (rfft columns other than 0 and Nyquist count twice)
