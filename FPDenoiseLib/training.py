@@ -499,7 +499,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         src = model_from_checkpoint(init, "denoiser").state_dict()
         if cfg.stage == "estimator":
             src = {k: v for k, v in src.items() if not k.startswith("estimator.")}
-        missing = D.load_state_dict(src, strict=False)
+        try:
+            missing = D.load_state_dict(src, strict=False)
+        except RuntimeError:  # same keys, other shapes: the init is another width
+            raise CheckpointError(
+                f"{cfg.init}: its denoiser has other layer sizes than --arch {cfg.arch} --base-channels "
+                f"{cfg.base_channels} (channels {init['models']['denoiser']['config'].get('channels')}); pass the "
+                "init's --base-channels"
+            ) from None
         if missing.unexpected_keys or any(not k.startswith("estimator.") for k in missing.missing_keys):
             raise CheckpointError(f"{cfg.init}: its denoiser does not match --arch {cfg.arch} apart from the estimator")
     elif init is not None and "denoiser" in init["models"] and _widens(init["models"]["denoiser"]["config"], cfg.model_config("denoiser")):

@@ -399,6 +399,11 @@ def test_estimator_stage_retrains_only_the_noise_estimator(tmp_path):
     assert any(not torch.equal(v, db[f"estimator.{k}"]) for k, v in start.items())
     with pytest.raises(CheckpointError, match="--init"):
         train(_cfg(tmp_path, out=str(tmp_path / "x.pt"), arch="resunet", stage="estimator"))
+    # an init of another width is a clear error, not a state-dict traceback
+    with pytest.raises(CheckpointError, match="--base-channels"):
+        train(_cfg(tmp_path, out=str(tmp_path / "y.pt"), arch="resunet", stage="estimator", init=str(base),
+                   base_channels=8, steps=2))
+    assert not (tmp_path / "y.pt").exists()
 
 
 def test_global_estimator_sees_the_whole_image():
