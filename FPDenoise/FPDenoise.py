@@ -161,6 +161,7 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.metricsButton.connect("clicked(bool)", self.onMetricsButton)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         self.ui.defaultModelButton.connect("clicked(bool)", self.onDefaultModelButton)
+        self.ui.ctTextureModelButton.connect("clicked(bool)", self.onCtTextureModelButton)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.backgroundPercentileSlider.connect("valueChanged(double)", self.onBackgroundPercentileChanged)
         self.ui.sideBySideButton.connect("clicked(bool)", self.onSideBySideButton)
@@ -241,7 +242,7 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     wasBlocked = widget.blockSignals(True)
                     widget.currentPath = value
                     widget.blockSignals(wasBlocked)
-            self.ui.modelLabel.text = p.modelPath or "shipped default model"
+            self.ui.modelLabel.text = self.logic.modelDescription(p.modelPath)
             self.ui.legendLabel.text = self.logic.legendText(p.backgroundPercentile)
         running = "foreground" if self._foreground else (self._jobKind if self._job is not None else "")
         states = self.logic.actionStates(
@@ -371,6 +372,9 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDefaultModelButton(self) -> None:
         self._parameterNode.modelPath = ""
+
+    def onCtTextureModelButton(self) -> None:
+        self._parameterNode.modelPath = "ct_texture"
 
     # ---- simulate / metrics
     def onSimulateButton(self) -> None:

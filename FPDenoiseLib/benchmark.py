@@ -452,11 +452,11 @@ def _load_methods(
     in table order, a runner per method, and the network whose restoration net scores features for
     every method (ours; None without one).
     """
-    from .inference import Denoiser, default_model_path, default_twin_path
+    from .inference import Denoiser, default_twin_path, resolve_model
 
     known = set(LEARNED_METHODS) | set(BASELINES) | {"noisy"}
     learned: dict[str, Any] = {}
-    ours_path = Path(model) if model else default_model_path()
+    ours_path = resolve_model(model)
     want_ours = methods is None or "ours" in methods
     if model is not None or ours_path.is_file():
         learned["ours"] = Denoiser(ours_path, device=device)

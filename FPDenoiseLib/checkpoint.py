@@ -12,7 +12,10 @@ A checkpoint is a plain dict of tensors and JSON-like values (loadable with
      "resume_sha256": "...",       # hash of the resume state (when present)
      "sha256": "..."}              # hash of models + normalization + training
 
-Shipping both networks in one file matters: saliency maps are GB of *this* restoration net.
+Saliency maps are GB of *this* restoration net, so a checkpoint names its f exactly. It holds f
+itself, or (the shipped models, which share one f) ``"restoration_ref": {"file": NAME, "sha256":
+...}``: f lives in the restoration-only checkpoint NAME next to it, and :func:`load_checkpoint`
+splices it in after checking that file's own hash against the reference.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ def content_hash(ckpt: dict) -> str:
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     h.update(json.dumps(ckpt.get("normalization", {}), sort_keys=True, default=str).encode())
     h.update(json.dumps(ckpt.get("training", {}), sort_keys=True, default=str).encode())
+    if "restoration_ref" in ckpt:  # only when present: older checkpoints keep their hashes
+        h.update(json.dumps(ckpt["restoration_ref"], sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -89,8 +94,17 @@ def make_checkpoint(
     training: dict | None = None,
     resume: dict | None = None,
     dtype: torch.dtype | None = None,
+    restoration_ref: dict | None = None,
 ) -> dict:
-    """Build the checkpoint dict. ``dtype=torch.float16`` halves the file (for shipping)."""
+    """Build the checkpoint dict. ``dtype=torch.float16`` halves the file (for shipping).
+
+    ``restoration_ref`` (``{"file": NAME, "sha256": HASH}``, with no "restoration" in ``models``) points
+    at a shared restoration-only checkpoint in the same folder instead of holding f.
+    """
+    if restoration_ref is not None:
+        if "restoration" in models:
+            raise CheckpointError("a checkpoint holds its restoration net or refers to one, not both")
+        _check_ref(restoration_ref)
     entries = {}
     for name, model in models.items():
         sd = {}
@@ -107,6 +121,8 @@ def make_checkpoint(
         "normalization": _jsonable(normalization),
         "training": _jsonable(training or {}),
     }
+    if restoration_ref is not None:
+        ckpt["restoration_ref"] = {"file": restoration_ref["file"], "sha256": restoration_ref["sha256"]}
     if resume is not None:
         ckpt["resume"] = resume
         ckpt["resume_sha256"] = state_hash(resume)  # separate key: older checkpoints stay valid
@@ -133,9 +149,44 @@ def save_checkpoint(path: str | Path, models: dict[str, nn.Module], **kwargs: An
     return atomic_torch_save(make_checkpoint(models, **kwargs), path)
 
 
+def _check_ref(ref: object) -> None:
+    if not (isinstance(ref, dict) and isinstance(ref.get("file"), str) and isinstance(ref.get("sha256"), str)):
+        raise CheckpointError(f"restoration_ref must be {{'file': NAME, 'sha256': HASH}}, got {ref!r}"[:300])
+    name = ref["file"]
+    # a bare name in the same folder: a shipped file must not make the loader read elsewhere
+    if not name or name != Path(name).name or name in (".", "..") or "\\" in name:
+        raise CheckpointError(f"restoration_ref file must be a file name in the same folder, got {name!r}")
+
+
 def load_checkpoint(path: str | Path, *, verify: bool = True) -> dict:
-    """Load with ``weights_only=True``; refuse pickled code, foreign formats and altered content."""
-    path = Path(path)
+    """Load with ``weights_only=True``; refuse pickled code, foreign formats and altered content.
+
+    A checkpoint that refers to a shared restoration net (``restoration_ref``) comes back with that
+    net spliced into ``models``, after the shared file's own hash was checked against the reference.
+    """
+    ckpt = _load_one(Path(path), verify=verify)
+    ref = ckpt.get("restoration_ref")
+    if ref is not None and "restoration" not in ckpt["models"]:
+        _check_ref(ref)
+        fpath = Path(path).parent / ref["file"]
+        if not fpath.is_file():
+            raise CheckpointError(
+                f"{path}: its restoration net f (saliency, FP feature) is stored in {ref['file']}, which is not "
+                f"next to it ({fpath}); copy the two files together"
+            )
+        shared = _load_one(fpath, verify=verify)
+        if shared.get("sha256") != ref["sha256"]:
+            raise CheckpointError(
+                f"{path}: {fpath.name} is not the restoration net it was made with (sha256 "
+                f"{str(shared.get('sha256'))[:12]}... vs {ref['sha256'][:12]}...); use the files shipped together"
+            )
+        if "restoration" not in shared["models"]:
+            raise CheckpointError(f"{fpath}: holds no restoration network")
+        ckpt["models"]["restoration"] = shared["models"]["restoration"]
+    return ckpt
+
+
+def _load_one(path: Path, *, verify: bool) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:

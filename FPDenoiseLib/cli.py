@@ -342,8 +342,13 @@ def _add_quality(p: argparse.ArgumentParser) -> None:
                         "-0.02 dB; refused where the device has none")
 
 
+# inference.SHIPPED_MODELS, spelled out so that building the parser does not import torch (a test keeps them equal)
+MODEL_HELP = ("checkpoint file, or a shipped model by name: default (FP-trained, all noise types), mse_twin (its "
+              "MSE-only twin), ct_texture (CT: a scanner's correlated noise); default: default")
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: 1 on CPU, 8 on GPU)")
     p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS done total' lines (for GUIs)")
 
@@ -361,7 +366,7 @@ def _add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help="folder of clean images/volumes (or a dataset with --protocol)")
     p.add_argument("--out", required=True, help="output folder (with --export-protocol: where train/ and test/ go)")
-    p.add_argument("--model", default=None, help="checkpoint of ours (default: the shipped model)")
+    p.add_argument("--model", default=None, help="ours: " + MODEL_HELP)
     p.add_argument("--baseline-model", action="append", default=[], metavar="[NAME=]CKPT",
                    help="learned baseline checkpoint, e.g. mse_only=mse.pt or drunet=drunet.pt (repeatable)")
     p.add_argument("--noises", nargs="+", default=list(PAPER_NOISE_NAMES), metavar="NOISE",

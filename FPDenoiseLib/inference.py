@@ -34,6 +34,14 @@ from .xai import DEFAULT_READOUT, guided_backprop
 ProgressCallback = Callable[[int, int], None]  # progress(done, total)
 DEFAULT_MODEL_NAME = "fpdenoise_default.pt"
 MSE_TWIN_NAME = "fpdenoise_mse_twin.pt"
+CT_TEXTURE_NAME = "fpdenoise_ct_texture.pt"
+#: The shipped models by name: anywhere a checkpoint path is taken (``--model``, the Slicer module,
+#: the browser viewer) one of these names picks the file in ``Resources/Models``.
+SHIPPED_MODELS = {
+    "default": DEFAULT_MODEL_NAME,  # FP-trained, all 13 noise types, white or signal-dependent noise
+    "mse_twin": MSE_TWIN_NAME,  # its MSE-only twin (the FP-vs-MSE ablation)
+    "ct_texture": CT_TEXTURE_NAME,  # CT only: a scanner's kernel-correlated noise (real low-dose CT)
+}
 # Pixel budget per batch: bounds activation memory independent of slice size (~1.5 GB on CPU
 # for the default U-Net at 2M pixels).
 MAX_BATCH_PIXELS = 2_000_000
@@ -63,6 +71,20 @@ def resources_dir() -> Path:
 def default_model_path() -> Path:
     """Path of the shipped default checkpoint (``Resources/Models/fpdenoise_default.pt``)."""
     return resources_dir() / "Models" / DEFAULT_MODEL_NAME
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """The checkpoint file for ``model``: None or "" = the default, a name of :data:`SHIPPED_MODELS`, or a path.
+
+    >>> resolve_model("ct_texture").name
+    'fpdenoise_ct_texture.pt'
+    """
+    key = "" if model is None else str(model).strip()
+    if not key:
+        return default_model_path()
+    if key in SHIPPED_MODELS:
+        return resources_dir() / "Models" / SHIPPED_MODELS[key]
+    return Path(key)
 
 
 def default_twin_path() -> Path:
@@ -108,7 +130,8 @@ class Denoiser:
     """A loaded FPDenoise checkpoint: denoiser ``D`` + restoration net ``f`` (for saliency).
 
     Args:
-        checkpoint: path of a checkpoint; None = the shipped default model.
+        checkpoint: path of a checkpoint or a shipped model's name (:data:`SHIPPED_MODELS`); None = the
+            shipped default model.
         device: "auto" (CUDA > MPS > CPU), "cpu", "cuda", "mps".
         batch_size: slices per forward pass (also capped by :data:`MAX_BATCH_PIXELS`); default 1 on
             CPU (fastest per slice there), 8 on a GPU.
@@ -136,7 +159,7 @@ class Denoiser:
             raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.strength = float(strength)
         self.ensemble = int(ensemble)
-        self.checkpoint_path = Path(checkpoint) if checkpoint else default_model_path()
+        self.checkpoint_path = resolve_model(checkpoint)
         self.ckpt = load_checkpoint(self.checkpoint_path)
         self.device = pick_device(device)
         if precision == "bf16" and not bf16_supported(self.device):

@@ -28,6 +28,11 @@ NOISE_CHOICES = (
     "gaussian", "poisson", "speckle", "noncentral_chi", "rician", "salt_pepper", "structured", "thermal",
     "magnetic_field", "chemical_shift", "motion", "wrap_around", "susceptibility", "ct_correlated",
 )  # fmt: skip  (same order as FPDenoiseLib.noise.NOISE_NAMES; kept here so --help needs no torch)
+MODEL_CHOICES = (
+    ("default", "Default (all noise types)"),
+    ("ct_texture", "CT scanner noise (CT only)"),
+    ("mse_twin", "MSE-only twin (ablation)"),
+)  # the names of FPDenoiseLib.inference.SHIPPED_MODELS (a test keeps them equal)
 
 
 def add_view_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,7 +45,8 @@ def add_view_parser(subparsers) -> argparse.ArgumentParser:
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", nargs="?", default=None, help="volume file or DICOM series folder to open at start")
-    p.add_argument("--model", default=None, help="checkpoint (.pt); default: the shipped model")
+    p.add_argument("--model", default=None,
+                   help="checkpoint (.pt) or a shipped model's name (default, ct_texture, mse_twin); default: default")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1 = this machine only)")
     p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     p.add_argument(
@@ -96,6 +102,10 @@ def build_app(session, server=None):
             "opacity": session.opacity,
             "threshold": session.threshold,
             "strength": session.strength,
+            "model_name": session.model or "default",
+            "model_names": [{"title": t, "value": v} for v, t in MODEL_CHOICES]
+            + ([{"title": Path(session.model).name, "value": session.model}]
+               if session.model and session.model not in dict(MODEL_CHOICES) else []),
             "right_overlay": session.right_overlay,
             "legend_gradient": "",
             "legend_sal": "",
@@ -216,6 +226,17 @@ def build_app(session, server=None):
             session.cancel_denoise()
             session.start_denoise()
 
+    @state.change("model_name")
+    @guarded
+    def _model(model_name=None, **_):
+        # Another model re-runs the denoise of the open volume, as a new strength does.
+        if (model_name or "default") == (session.model or "default"):
+            return
+        session.set_model(None if model_name == "default" else model_name)
+        if session.input_node is not None and session.result is not None:
+            session.cancel_denoise()
+            session.start_denoise()
+
     @state.change("wl_preset")
     @guarded
     def _preset(wl_preset=None, **_):
@@ -270,6 +291,8 @@ def build_app(session, server=None):
                     v3.VBtn("Denoise", click=ctrl.denoise, color="primary", disabled=("!loaded_name || running",),
                             id="denoise-btn", classes="mr-2")
                     v3.VBtn("Cancel", click=ctrl.cancel, disabled=("!running",), id="cancel-btn")
+                v3.VSelect(v_model=("model_name",), items=("model_names",), label="Model", density="compact",
+                           hide_details=True, disabled=("running",), id="model-select", classes="mt-2")
                 with html.Div(id="strength"):
                     v3.VSlider(v_model=("strength",), min=0, max=2, step=0.25, label="Strength",
                                density="compact", hide_details=True, thumb_label=True, disabled=("running",))

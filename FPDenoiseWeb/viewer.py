@@ -136,9 +136,8 @@ class ViewerSession:
         if not self.data_root.is_dir():
             raise InputError(f"{data_root}: data root is not a folder")
         self.output_dir = Path(output_dir).expanduser().resolve()
-        self.model = str(model) if model else None
-        if self.model and not Path(self.model).is_file():
-            raise InputError(f"{model}: model checkpoint not found")
+        self.model: str | None = None
+        self.set_model(model)
         self.device = device
         self.app = SlicerApp()
         # The Logic works on slicer.mrmlScene: point it at this app's scene (one viewer per process).
@@ -394,6 +393,16 @@ class ViewerSession:
         if self.result is not None:
             self.logic.setRightOverlay(self._right_overlay_node())
         self._refresh()
+
+    def set_model(self, model: str | os.PathLike | None) -> None:
+        """Model for the next run: a checkpoint file, a shipped model's name (``default``, ``mse_twin``,
+        ``ct_texture``) or None (the default). A missing file is refused and the current model kept."""
+        from FPDenoiseLib.inference import resolve_model
+
+        key = str(model).strip() if model else ""
+        if key and not resolve_model(key).is_file():
+            raise InputError(f"{model}: model checkpoint not found")
+        self.model = key or None
 
     def set_strength(self, strength: float) -> None:
         """Denoising strength for the next run (0 = input unchanged, 1 = as trained, 2 = stronger)."""

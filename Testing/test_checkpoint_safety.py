@@ -299,3 +299,85 @@ def test_export_sets_weightless_settings_and_halves_the_file(tmp_path):
     assert set(load_checkpoint(tmp_path / "f16.pt")["models"]) == {"restoration"}
     r = run(f_only, tmp_path / "bad.pt", "--map-fit")
     assert r.returncode == 2 and "resunet" in r.stderr and not (tmp_path / "bad.pt").exists()
+
+
+def test_shipped_models_share_one_restoration_file(tmp_path):
+    """export --shipped stores f once (fpdenoise_restoration.pt) and each model refers to it by hash: loading
+    splices it back (saliency works), a missing or different f file is a clear error, and an export with
+    another f refuses to overwrite the shared one."""
+    import subprocess
+    import sys
+
+    from FPDenoiseLib.checkpoint import content_hash, make_checkpoint, model_from_checkpoint
+    from FPDenoiseLib.models import ResUNet
+
+    root = Path(__file__).resolve().parents[1]
+    torch.manual_seed(0)
+    f = UNet(base_channels=4, depth=2)
+    srcs = [save_checkpoint(tmp_path / f"src{i}.pt", {"denoiser": ResUNet(channels=(4, 8, 8, 8), blocks=1),
+                                                     "restoration": f}, normalization=DEFAULT_POLICY)
+            for i in range(2)]
+    out = tmp_path / "models"
+    out.mkdir()
+    run = lambda *a: subprocess.run([sys.executable, str(root / "scripts/export_model.py"), *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, cwd=root)
+    for i, s in enumerate(srcs):
+        r = run(s, out / f"m{i}.pt", "--shipped")
+        assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["fpdenoise_restoration.pt", "m0.pt", "m1.pt"]
+    raw = torch.load(out / "m0.pt", weights_only=True)
+    assert set(raw["models"]) == {"denoiser"} and raw["restoration_ref"]["file"] == "fpdenoise_restoration.pt"
+    shared = load_checkpoint(out / "fpdenoise_restoration.pt")
+    assert set(shared["models"]) == {"restoration"}
+    for i in range(2):
+        ck = load_checkpoint(out / f"m{i}.pt")
+        assert ck["restoration_ref"]["sha256"] == shared["sha256"]
+        got = model_from_checkpoint(ck, "restoration").state_dict()
+        assert all(torch.equal(got[k], v.half().float()) for k, v in f.state_dict().items())
+    den = Denoiser(out / "m1.pt", device="cpu")
+    sal = den.saliency_array(np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32), modality="MR")
+    assert sal.shape == (32, 32) and np.isfinite(sal).all() and sal.max() > 0
+    # another f: refused, the shared file and the models referring to it untouched, nothing written
+    before = (out / "fpdenoise_restoration.pt").read_bytes()
+    other = save_checkpoint(tmp_path / "other.pt", {"denoiser": ResUNet(channels=(4, 8, 8, 8), blocks=1),
+                                                    "restoration": UNet(base_channels=4, depth=2)},
+                            normalization=DEFAULT_POLICY)
+    r = run(other, out / "m2.pt", "--shipped")
+    assert r.returncode != 0 and "another restoration net" in r.stderr and not (out / "m2.pt").exists()
+    assert (out / "fpdenoise_restoration.pt").read_bytes() == before
+    # the f file swapped for a different one, or gone: clear errors naming it
+    (out / "fpdenoise_restoration.pt").rename(tmp_path / "kept.pt")
+    with pytest.raises(CheckpointError, match="fpdenoise_restoration.pt, which is not next to it"):
+        load_checkpoint(out / "m0.pt")
+    save_checkpoint(out / "fpdenoise_restoration.pt", {"restoration": UNet(base_channels=4, depth=2)},
+                    normalization=DEFAULT_POLICY)
+    with pytest.raises(CheckpointError, match="not the restoration net it was made with"):
+        load_checkpoint(out / "m0.pt")
+    # a reference may only name a file in the same folder
+    for bad in ("../kept.pt", "sub/f.pt", "", ".."):
+        with pytest.raises(CheckpointError, match="file name in the same folder"):
+            make_checkpoint({"denoiser": ResUNet(channels=(4, 8), blocks=1)}, normalization={},
+                            restoration_ref={"file": bad, "sha256": "0" * 64})
+    crafted = make_checkpoint({"denoiser": ResUNet(channels=(4, 8), blocks=1)}, normalization={},
+                              restoration_ref={"file": "kept.pt", "sha256": shared["sha256"]})
+    crafted["restoration_ref"]["file"] = "../kept.pt"
+    crafted["sha256"] = content_hash(crafted)
+    torch.save(crafted, out / "crafted.pt")
+    with pytest.raises(CheckpointError, match="file name in the same folder"):
+        load_checkpoint(out / "crafted.pt")
+
+
+def test_shipped_models_resolve_by_name_and_all_exist():
+    from FPDenoiseLib.inference import SHIPPED_MODELS, default_model_path, resolve_model
+
+    assert resolve_model(None) == resolve_model("") == resolve_model(" ") == default_model_path()
+    assert resolve_model("default") == default_model_path()
+    assert resolve_model("some/dir/m.pt") == Path("some/dir/m.pt")
+    for name, file in SHIPPED_MODELS.items():
+        path = resolve_model(name)
+        assert path.name == file and path.is_file(), path
+        ck = load_checkpoint(path)  # with the shared restoration net spliced in
+        assert set(ck["models"]) == {"denoiser", "restoration"}
+        assert ck["restoration_ref"]["file"] == "fpdenoise_restoration.pt"
+    with pytest.raises(CheckpointError, match="not found"):
+        Denoiser("no_such_model", device="cpu")

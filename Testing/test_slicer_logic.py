@@ -674,3 +674,14 @@ def test_install_asks_first_and_torch_goes_through_the_pytorch_extension(logic):
     with pytest.raises(RuntimeError, match="PyTorch extension"):
         deps.installRequirements(torch_unmet, confirm=never, pipInstall=installed.append)
     assert installed == [["numpy>=999"]]
+
+
+def test_shipped_models_by_name(logic):
+    """The module's model field takes a shipped model's name; the Logic loads it and says which it is."""
+    from FPDenoiseLib.inference import resolve_model
+
+    assert logic.modelDescription("") == logic.modelDescription(None) == "shipped default model (all noise types)"
+    assert "CT only" in logic.modelDescription("ct_texture")
+    assert logic.modelDescription("/tmp/m.pt") == "/tmp/m.pt"
+    den = logic.getDenoiser("ct_texture", "cpu")
+    assert den.checkpoint_path == resolve_model("ct_texture") and den.restoration is not None

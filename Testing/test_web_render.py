@@ -206,3 +206,17 @@ def test_paths_outside_data_root_are_refused(session, tmp_path):
     with pytest.raises(InputError, match="window preset"):
         session.set_window_preset("brain")
     assert resolve_under(tmp_path, ".") == tmp_path.resolve()
+
+
+def test_model_choice_by_name_or_file(session, checkpoint):
+    """The viewer's model list: a shipped name or a file; a missing one is refused and the current kept."""
+    assert session.model == str(checkpoint)
+    session.set_model("ct_texture")
+    assert session.model == "ct_texture"
+    with pytest.raises(InputError, match="not found"):
+        session.set_model("nope.pt")
+    assert session.model == "ct_texture"
+    session.set_model("default")
+    assert session.model == "default"
+    session.set_model(None)
+    assert session.model is None

@@ -6,20 +6,32 @@ float16 halves the file; weights are converted back to float32 on load. The cont
 recomputed for the new file and the training record (incl. validation history) is kept.
 ``--map-fit`` and ``--residual-gate`` set what owns no weights: the denoiser's noise map fitted to
 the local intensity (``FPDenoiseLib.models.fit_noise_map``) and the gate of its correction,
-``tanh(gate * map)`` (larger: full correction at lower noise). ``--shipped`` sets both as the shipped
-models have them (:data:`SHIPPED`); an explicit ``--residual-gate`` still wins.
+``tanh(gate * map)`` (larger: full correction at lower noise). ``--restoration-file NAME`` stores the
+restoration net f once, in the restoration-only checkpoint NAME next to DST, and DST refers to it by
+hash: the shipped models share one f (the FP feature), so it need not travel in each. An existing NAME
+is reused only if it holds the same f. ``--shipped`` sets all three as the shipped models have them
+(:data:`SHIPPED`); an explicit ``--residual-gate`` still wins.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
-from FPDenoiseLib.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from FPDenoiseLib.checkpoint import (
+    atomic_torch_save,
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    state_hash,
+)
 
-#: the weightless settings of the shipped pair (stage 28 on; Resources/Models/README.md)
-SHIPPED = {"map_fit": True, "residual_gate": 200.0}
+#: the weightless settings of the shipped models (stage 28 on; Resources/Models/README.md) and the
+#: file of their shared restoration net
+SHIPPED = {"map_fit": True, "residual_gate": 200.0, "restoration_file": "fpdenoise_restoration.pt"}
 
 
 def main() -> None:
@@ -29,13 +41,18 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--map-fit", action="store_true", help="resunet: fit the noise map to the local intensity")
     ap.add_argument("--residual-gate", type=float, default=None, help="resunet: the gate of the correction")
+    ap.add_argument("--restoration-file", default=None, metavar="NAME",
+                    help="store f once in NAME next to DST (shared by the models exported with it)")
     ap.add_argument("--shipped", action="store_true",
-                    help=f"the shipped models' settings: --map-fit --residual-gate {SHIPPED['residual_gate']:g}")
+                    help=f"the shipped models' settings: --map-fit --residual-gate {SHIPPED['residual_gate']:g} "
+                         f"--restoration-file {SHIPPED['restoration_file']}")
     args = ap.parse_args()
     if args.shipped:
         args.map_fit = args.map_fit or SHIPPED["map_fit"]
         if args.residual_gate is None:
             args.residual_gate = SHIPPED["residual_gate"]
+        if args.restoration_file is None:
+            args.restoration_file = SHIPPED["restoration_file"]
     ck = load_checkpoint(args.src)
     cfg = ck["models"].get("denoiser", {}).get("config", {})  # a restoration-only checkpoint has none
     if (args.map_fit or args.residual_gate is not None) and cfg.get("arch") != "resunet":
@@ -51,8 +68,32 @@ def main() -> None:
     training["exported_from"] = {"sha256": ck["sha256"], "dtype": args.dtype, "map_fit": args.map_fit,
                                  "residual_gate": cfg.get("residual_gate")}
     dtype = torch.float16 if args.dtype == "float16" else None
-    path = save_checkpoint(args.dst, models, normalization=ck["normalization"], training=training, dtype=dtype)
+    ref = None
+    if args.restoration_file:
+        if "restoration" not in models:
+            ap.error(f"{args.src} has no restoration net to share")
+        ref = share_restoration(Path(args.dst).parent / args.restoration_file, models.pop("restoration"),
+                                ck["normalization"], dtype)
+    path = save_checkpoint(args.dst, models, normalization=ck["normalization"], training=training, dtype=dtype,
+                           restoration_ref=ref)
     print(f"{path}: {path.stat().st_size / 1e6:.2f} MB")
+
+
+def share_restoration(fpath: Path, f: torch.nn.Module, normalization: dict, dtype: torch.dtype | None) -> dict:
+    """Write f as a restoration-only checkpoint at ``fpath`` (or reuse the file there if it holds the
+    same f at this dtype) and return the reference a model file stores instead of f."""
+    # its content depends on f alone, so every model exported with this f names the same file and hash
+    new = make_checkpoint({"restoration": f}, normalization=normalization,
+                          training={"role": "restoration net f shared by the shipped models"}, dtype=dtype)
+    if fpath.exists():
+        old = load_checkpoint(fpath)
+        if state_hash(old["models"].get("restoration")) != state_hash(new["models"]["restoration"]):
+            raise SystemExit(f"{fpath} holds another restoration net; the models that share it must have one f "
+                             "(remove it only if every model that refers to it is exported again)")
+        return {"file": fpath.name, "sha256": old["sha256"]}
+    atomic_torch_save(new, fpath)
+    print(f"{fpath}: {fpath.stat().st_size / 1e6:.2f} MB (shared restoration net f)")
+    return {"file": fpath.name, "sha256": new["sha256"]}
 
 
 if __name__ == "__main__":

@@ -203,6 +203,17 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         return default_model_path()
 
     @staticmethod
+    def modelDescription(modelPath: str | os.PathLike | None) -> str:
+        """What the module shows as the model in use: a shipped model's role, or the checkpoint's path."""
+        from FPDenoiseLib.inference import SHIPPED_MODELS
+
+        key = str(modelPath or "").strip() or "default"
+        roles = {"default": "shipped default model (all noise types)",
+                 "mse_twin": "shipped MSE-only twin (ablation)",
+                 "ct_texture": "shipped CT scanner-noise model (CT only)"}
+        return roles.get(key, f"shipped model {key}") if key in SHIPPED_MODELS else key
+
+    @staticmethod
     def sampleDataPath() -> Path:
         from FPDenoiseLib.inference import sample_data_path
 
@@ -215,10 +226,13 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         batchSize: int | None = None,
         strength: float = 1.0,
     ):
-        """A cached :class:`FPDenoiseLib.inference.Denoiser` (loading a checkpoint takes a moment)."""
-        from FPDenoiseLib.inference import Denoiser
+        """A cached :class:`FPDenoiseLib.inference.Denoiser` (loading a checkpoint takes a moment).
 
-        path = str(modelPath) if modelPath else str(self.defaultModelPath())
+        ``modelPath``: a checkpoint file or a shipped model's name ("default", "mse_twin", "ct_texture").
+        """
+        from FPDenoiseLib.inference import Denoiser, resolve_model
+
+        path = str(resolve_model(modelPath))
         key = (path, device, os.path.getmtime(path) if os.path.exists(path) else 0.0)
         if key not in self._denoisers:
             self._denoisers = {key: Denoiser(path, device=device, batch_size=batchSize)}
