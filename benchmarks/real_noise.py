@@ -14,7 +14,8 @@ anatomy nearly matches:
   neighbour's noise is independent of ``D(y_z)``, so this ranks methods like an RMSE against the
   truth plus a constant (noise-to-noise); a filter that erases anatomy pays for it here.
 
-Methods: the noisy input, ours and the MSE twin (blind), NL-means, median 5x5, wavelet and BM3D
+Methods: the noisy input, ours and the MSE twin (blind), the shipped CT scanner-noise model
+(``ct_texture``, when it sits beside ``--model``), NL-means, median 5x5, wavelet and BM3D
 (non-commercial licence: benchmark only), the filters with their sigma estimated from the slice, as a
 user would run them.
 
@@ -34,7 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from FPDenoiseLib import baselines
-from FPDenoiseLib.inference import MSE_TWIN_NAME, Denoiser, default_model_path
+from FPDenoiseLib.inference import CT_TEXTURE_NAME, MSE_TWIN_NAME, Denoiser, default_model_path
 from FPDenoiseLib.intensity import Normalizer
 from FPDenoiseLib.io import atomic_path, find_images, read_image
 
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     twin = args.twin or str(Path(args.model).with_name(MSE_TWIN_NAME))
     if Path(twin).exists():
         nets["mse_twin"] = Denoiser(twin, device="cpu", strength=args.strength)
+    ct = Path(args.model).with_name(CT_TEXTURE_NAME)  # the shipped CT scanner-noise model, made for this case
+    if ct.exists() and ct.resolve() != Path(args.model).resolve():
+        nets["ct_texture"] = Denoiser(ct, device="cpu", strength=args.strength)
     for spec in args.extra:
         name, _, ckpt = spec.rpartition("=")
         if not name or not Path(ckpt).is_file():
