@@ -333,8 +333,8 @@ def _quality_kwargs(args: argparse.Namespace) -> dict:
 
 def _add_quality(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=1.0,
-                   help="denoising strength: scales the estimated noise map, and below 1 the correction (0 = the input exactly, "
-                        "0.5 low, 1 as trained, 1.5 high; range 0..3)")
+                   help="denoising strength: below 1 a blend of the input with the full correction (0 = the input exactly, "
+                        "0.5 low: half the correction), 1 as trained, above 1 the noise map is scaled (1.5 high; range 0..3)")
     p.add_argument("--ensemble", type=int, default=1, choices=[1, 2, 4, 8],
                    help="test-time ensemble over flips/rotations (8 = all; ~N times slower, a little better)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],

@@ -209,3 +209,19 @@ def test_ct_texture_model_removes_correlated_ct_noise(ct_texture, shipped, real_
         score[name] = psnr(x, baselines.denoise(name, noisy), data_range=rng)
     best_other = max(v for k, v in score.items() if k != "ct_texture")
     assert score["ct_texture"] >= best_other + 1.5, score
+
+
+def test_strength_below_one_blends_the_full_correction(real_slice):
+    """Below 1, strength s gives y + s (D(y) - y), for every shipped model: a control that works the same on
+    white noise and on a CT scanner's correlated noise (the map is scaled only above 1)."""
+    from FPDenoiseLib.noise import add_noise
+
+    x = Normalizer.for_array(real_slice, modality="CT").forward(real_slice)[128:320, 96:352]
+    noisy = add_noise(x, "ct_correlated", level=0.5, seed=4).astype(np.float32)
+    for name in ("default", "ct_texture"):
+        full = Denoiser(name, device="cpu").denoise_normalized(noisy) - noisy
+        for s in (0.25, 0.5, 0.75):
+            part = Denoiser(name, device="cpu", strength=s).denoise_normalized(noisy) - noisy
+            assert np.allclose(part, s * full, atol=2e-5), (name, s, float(np.abs(part - s * full).max()))
+        more = Denoiser(name, device="cpu", strength=1.5).denoise_normalized(noisy) - noisy
+        assert not np.allclose(more, 1.5 * full, atol=1e-3)  # above 1 the map is scaled, not the correction
