@@ -152,7 +152,7 @@ def build_app(session, server=None):
         if st.state == "running":
             state.status = f"Denoising… {st.message}"
         elif st.state == "done":
-            state.status = "Denoised."
+            state.status = f"Denoised (model: {dict(MODEL_CHOICES).get(session.run_model, Path(session.run_model).name)})."
         elif st.state == "cancelled":
             state.status = "Cancelled."
         elif st.state == "error":

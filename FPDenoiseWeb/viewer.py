@@ -138,6 +138,7 @@ class ViewerSession:
         self.output_dir = Path(output_dir).expanduser().resolve()
         self.model: str | None = None
         self.set_model(model)
+        self.run_model = ""
         self.device = device
         self.app = SlicerApp()
         # The Logic works on slicer.mrmlScene: point it at this app's scene (one viewer per process).
@@ -277,6 +278,7 @@ class ViewerSession:
             self.input_node, self._work, modelPath=self.model, device=self.device, strength=self.strength
         )
         self.status = DenoiseStatus("running", 0.0, "starting")
+        self.run_model = self.model or "default"  # the model of the run in progress / the result shown
         self._job = BackgroundJob(cmd, env=self.logic.backgroundEnvironment())
 
     @property

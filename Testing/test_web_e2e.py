@@ -218,6 +218,16 @@ def test_browser_load_denoise_opacity_slice(server):
             _set_slider(page, "#slice", 0.0)  # scroll to the first slice: both (linked) views change
             assert np.abs(_wait_frame_change(page, 0, left0) - left0).mean() > 0.5
             assert np.abs(_wait_frame_change(page, 1, right0) - right0).mean() > 0.5
+            # another model from the list re-runs the denoise with it (the shipped CT scanner-noise model)
+            assert "model: " in page.locator("#status").text_content()
+            page.locator("#model-select").click(force=True)  # Vuetify's selection text overlays the input
+            page.locator(".v-list-item", has_text="CT scanner noise (CT only)").click()
+            page.wait_for_function(
+                "() => document.querySelector('#status').textContent.includes('model: CT scanner noise')"
+                " || document.querySelector('#error').textContent.length > 0",
+                timeout=300_000,
+            )
+            assert page.locator("#error").text_content().strip() == "", page.locator("#error").text_content()
         finally:
             browser.close()
     assert not out.exists() or not any(out.iterdir()), "nothing is written before Save"
