@@ -198,3 +198,22 @@ def test_single_file_behaviour_unchanged(tmp_path, ckpt, capsys):
     img = read_image(tmp_path / "v.nrrd")
     np.testing.assert_array_equal(read_image(tmp_path / "o.nrrd").array,
                                   Denoiser(ckpt, device="cpu").denoise_array(img.array, modality=img.modality))
+
+
+def test_shipped_model_by_name_on_the_command_line(tmp_path, capsys):
+    """`--model ct_texture` picks the shipped CT model (output = that model's); an unknown name that is no
+    file is a one-line error and writes nothing."""
+    vol = np.random.default_rng(7).normal(40, 30, (2, 40, 48)).astype(np.int16)
+    img = sitk.GetImageFromArray(vol)
+    img.SetSpacing((0.7, 0.7, 2.0))
+    sitk.WriteImage(img, str(tmp_path / "ct.nrrd"))
+    rc, _, err = _run(capsys, "denoise", tmp_path / "ct.nrrd", tmp_path / "o.nrrd", "--model", "ct_texture",
+                      "--device", "cpu")
+    assert rc == 0, err
+    src = read_image(tmp_path / "ct.nrrd")
+    want = Denoiser("ct_texture", device="cpu").denoise_array(src.array, modality=src.modality)
+    np.testing.assert_array_equal(read_image(tmp_path / "o.nrrd").array, want)
+    assert not np.array_equal(want, Denoiser(device="cpu").denoise_array(src.array, modality=src.modality))
+    rc, _, err = _run(capsys, "denoise", tmp_path / "ct.nrrd", tmp_path / "bad.nrrd", "--model", "ct_textur",
+                      "--device", "cpu")
+    assert rc == 2 and "ct_textur" in err and "not found" in err and not (tmp_path / "bad.nrrd").exists()
