@@ -347,6 +347,8 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # The result is windowed with the default threshold; apply the slider's.
         self.logic.rewindowOverlays(p.backgroundPercentile, p.inputSaliency, p.outputSaliency, p.featureChange)
         self.ui.fpScoreLabel.text = self.logic.scoreText(result["fpScore"])
+        if result.get("modelHint") and self.logBox is not None:  # the background CLI prints it to the log itself
+            self.logBox.appendPlainText(f"Note: {result['modelHint']}")
         gt = self.logic.groundTruthFor(p.inputVolume)
         if gt is not None:
             p.referenceVolume = gt

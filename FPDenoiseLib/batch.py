@@ -229,6 +229,9 @@ def denoise_item(
     from .io import write_image
 
     res = denoiser.run(image, saliency=bool(saliency_dir), progress=progress)
+    hint = denoiser.model_hint(image.array, modality=image.modality)
+    if hint:
+        log(f"{output.name}: note: {hint}")
     outputs: dict = {}
     if saliency_dir:
         targets = map_paths(output, saliency_dir, saliency_format)

@@ -217,3 +217,20 @@ def test_shipped_model_by_name_on_the_command_line(tmp_path, capsys):
     rc, _, err = _run(capsys, "denoise", tmp_path / "ct.nrrd", tmp_path / "bad.nrrd", "--model", "ct_textur",
                       "--device", "cpu")
     assert rc == 2 and "ct_textur" in err and "not found" in err and not (tmp_path / "bad.nrrd").exists()
+
+
+def test_cli_notes_the_ct_model_for_a_noisy_ct(tmp_path, capsys):
+    """The default on a CT with scanner-level noise prints a one-line note naming --model ct_texture (the
+    Slicer module's background path shows the CLI's lines in its log); a clean CT gets none."""
+    yy, xx = np.mgrid[:96, :96]
+    body = ((yy - 48) ** 2 + (xx - 48) ** 2 < 40**2)
+    clean = np.where(body, 40.0, -1000.0)
+    noisy = clean + np.where(body, np.random.default_rng(3).normal(0, 60, clean.shape), 0.0)
+    from FPDenoiseLib.io import Image, write_image
+
+    for name, arr in (("noisy", noisy), ("clean", clean)):  # an FPDenoise NRRD keeps its modality (CT)
+        write_image(Image(np.rint(arr[None]).astype(np.int16), (0.7, 0.7, 2.0), (0, 0, 0), modality="CT"),
+                    tmp_path / f"{name}.nrrd")
+        rc, _, err = _run(capsys, "denoise", tmp_path / f"{name}.nrrd", tmp_path / f"{name}_d.nrrd", "--device", "cpu")
+        assert rc == 0, err
+        assert ("note: estimated noise" in err and "--model ct_texture" in err) == (name == "noisy"), (name, err)

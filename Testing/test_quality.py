@@ -225,3 +225,19 @@ def test_strength_below_one_blends_the_full_correction(real_slice):
             assert np.allclose(part, s * full, atol=2e-5), (name, s, float(np.abs(part - s * full).max()))
         more = Denoiser(name, device="cpu", strength=1.5).denoise_normalized(noisy) - noisy
         assert not np.allclose(more, 1.5 * full, atol=1e-3)  # above 1 the map is scaled, not the correction
+
+
+def test_a_noisy_ct_through_the_default_points_to_the_ct_model(shipped, ct_texture, real_slice):
+    """Denoiser.model_hint: a CT with scanner-level noise given to the default names the CT model; a clean CT,
+    the CT model itself and other modalities get no hint."""
+    from FPDenoiseLib.noise import add_noise
+
+    x = Normalizer.for_array(real_slice, modality="CT").forward(real_slice)
+    noisy_hu = Normalizer.for_array(real_slice, modality="CT").inverse(
+        add_noise(x, "ct_correlated", level=0.5, seed=2).astype(np.float32))
+    hint = shipped.model_hint(noisy_hu, modality="CT")
+    assert hint and "--model ct_texture" in hint and "HU" in hint
+    assert shipped.model_hint(np.stack([real_slice, noisy_hu, real_slice]), modality="CT")  # the middle slice
+    assert shipped.model_hint(real_slice, modality="CT") is None
+    assert ct_texture.model_hint(noisy_hu, modality="CT") is None
+    assert shipped.model_hint(noisy_hu, modality="MR") is None

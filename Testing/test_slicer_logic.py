@@ -685,3 +685,16 @@ def test_shipped_models_by_name(logic):
     assert logic.modelDescription("/tmp/m.pt") == "/tmp/m.pt"
     den = logic.getDenoiser("ct_texture", "cpu")
     assert den.checkpoint_path == resolve_model("ct_texture") and den.restoration is not None
+
+
+def test_denoise_result_carries_the_ct_model_hint(logic):
+    """A CT volume with scanner-level noise through the default: the result's modelHint names the CT model
+    (the module shows it in its log); through the CT model itself: no hint."""
+    yy, xx = np.mgrid[:64, :64]
+    hu = np.where((yy - 32) ** 2 + (xx - 32) ** 2 < 28**2, 40.0, -1000.0)
+    hu = hu + np.where(hu > -500, np.random.default_rng(0).normal(0, 60, hu.shape), 0.0)
+    node = slicer.util.addVolumeFromArray(np.rint(np.stack([hu] * 3)).astype(np.int16), name="noisy CT")
+    node.SetAttribute("FPDenoise.Modality", "CT")
+    res = logic.denoise(node, None, device="cpu", computeSaliency=False, modality="CT")
+    assert res["modelHint"] and "ct_texture" in res["modelHint"]
+    assert logic.denoise(node, "ct_texture", device="cpu", computeSaliency=False, modality="CT")["modelHint"] is None

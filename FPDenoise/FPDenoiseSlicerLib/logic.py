@@ -354,13 +354,15 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         """Denoise a volume node in this process.
 
         Returns ``dict(outputVolumeNode, inputSaliencyNode, outputSaliencyNode, featureChangeNode,
-        fpScore)``; the output has the input's geometry, dtype and units (HU stays HU) and is named
+        fpScore, modelHint)``; the output has the input's geometry, dtype and units (HU stays HU) and is named
         ``"<input> denoised"``; saliency maps (|Guided Backprop| of the restoration net, float32) are
         ``"<input> saliency"`` and ``"<input> denoised saliency"``, the feature change
         ``|GB(denoised) - GB(input)|`` is ``"<input> feature change"``, all shown with the display rule
         of :mod:`FPDenoiseLib.display`. Existing nodes passed as ``outputVolumeNode``/``...Node`` are
         overwritten instead of adding new ones. ``fpScore`` is the feature-preservation score (Pearson
         correlation of the two maps) or None. ``strength``: 0 = input unchanged, 1 = as trained, up to 3.
+        ``modelHint``: a one-line pointer to the CT scanner-noise model when a noisy CT went through
+        another model (``Denoiser.model_hint``), else None.
         """
         image = self.imageFromVolume(inputVolumeNode, modality)
         denoiser = self.getDenoiser(modelPath, device, batchSize, strength=strength)
@@ -369,7 +371,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         def arr(img):
             return None if img is None else img.array
 
-        return self._addResultNodes(
+        nodes = self._addResultNodes(
             inputVolumeNode,
             result.denoised.array,
             arr(result.saliency_input),
@@ -383,6 +385,9 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
             modelName=getattr(denoiser, "name", ""),
             strength=strength,
         )
+        # the same note the CLI (the background path) prints: a noisy CT given to a white-noise model
+        nodes["modelHint"] = denoiser.model_hint(image.array, modality=image.modality)
+        return nodes
 
     def _addResultNodes(
         self,
