@@ -12,7 +12,8 @@
 #       WORKERS=1 bash scripts/gpu_chain.sh
 # BASE (default 24, the shipped width) must be at least the INIT net's; a wider BASE grows it in A
 # (output unchanged, widen_resunet).
-# Results in $OUT: base.pt, fp.pt, twin.pt (float16) and logs.tgz. Compare on the held-out set
+# Results in $OUT: base.pt, fp.pt, twin.pt (float16; they share the restoration net in
+# fpdenoise_restoration.pt, which travels with them) and logs.tgz. Compare on the held-out set
 # (benchmarks/quality.py, fpdenoise benchmark) before shipping; the FP term's lambda stays 0.08 (the
 # shipped value under --residual-norm log; scripts/fp_lambda_probe.py --transfer-lambda).
 # The 2026-11-27 run's models were worse alone than the CPU chain at low noise; what paid was souping its twin
