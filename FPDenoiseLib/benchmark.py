@@ -82,7 +82,7 @@ LEARNED_METHODS = ("ours", "mse_only", "drunet")
 #: Column order of the tables: the paper's (Our, DPIR, Bilat., Filt. Comb., Gaus., Mean, Medi.,
 #: NL Mean., Wave., Wien.) with our MSE-only twin next to ours, BM3D after DPIR, "noisy" last.
 METHOD_ORDER = (
-    "ours", "mse_only", "drunet", "bm3d", "bilateral", "filter_combination", "gaussian", "mean",
+    "ours", "mse_only", "ct_texture", "drunet", "bm3d", "bilateral", "filter_combination", "gaussian", "mean",
     "median", "nlmeans", "wavelet", "wiener", "noisy",
 )
 #: Slice size the wall times are scaled to.
@@ -392,7 +392,7 @@ def run_benchmark(
     """
     t_start = time.perf_counter()
     out, noises, levels = _validate(out, noises, levels)
-    learned, methods, run_methods, feature_net = _load_methods(model, baseline_models, methods, device)
+    learned, methods, run_methods, feature_net = _load_methods(model, baseline_models, methods, device, noises)
     policy = feature_net.policy if feature_net is not None else (
         next(iter(learned.values())).policy if learned else None
     )
@@ -445,8 +445,13 @@ def _validate(out: str | os.PathLike, noises: Sequence[str], levels: Sequence[fl
 
 def _load_methods(
     model: str | os.PathLike | None, baseline_models: Sequence[str], methods: Sequence[str] | None, device: str,
+    noises: Sequence[str] = (),
 ) -> tuple[dict[str, Any], list[str], dict[str, _Method], Any]:
     """Load the checkpoints and resolve the method list.
+
+    With the shipped default as ours and no baseline models given, the shipped MSE twin joins as
+    ``mse_only`` and, when ``noises`` has ``ct_correlated``, the shipped CT scanner-noise model as
+    ``ct_texture`` (the model made for that type).
 
     Returns ``(learned, methods, run_methods, feature_net)``: the loaded denoisers by name, the methods
     in table order, a runner per method, and the network whose restoration net scores features for
@@ -462,9 +467,13 @@ def _load_methods(
         learned["ours"] = Denoiser(ours_path, device=device)
     elif methods is not None and "ours" in methods:
         raise InputError(f"{ours_path}: model checkpoint not found (pass --model CKPT)")
-    twin = default_twin_path()
-    if model is None and not baseline_models and twin.is_file() and (methods is None or "mse_only" in methods):
-        baseline_models = [f"mse_only={twin}"]  # the shipped MSE-only twin: the FP-vs-MSE ablation by default
+    twin, ct = default_twin_path(), resolve_model("ct_texture")
+    shipped_set = model is None and not baseline_models
+    baseline_models = list(baseline_models)
+    if shipped_set and twin.is_file() and (methods is None or "mse_only" in methods):
+        baseline_models.append(f"mse_only={twin}")  # the shipped MSE-only twin: the FP-vs-MSE ablation by default
+    if shipped_set and "ct_correlated" in noises and ct.is_file() and (methods is None or "ct_texture" in methods):
+        baseline_models.append(f"ct_texture={ct}")
     for spec in baseline_models:
         name, path = _checkpoint_method_name(str(spec))
         den = Denoiser(path, device=device)

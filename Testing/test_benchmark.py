@@ -237,3 +237,9 @@ def test_shipped_twin_is_the_default_mse_only_baseline():
     assert "mse_only" in learned
     learned, _, _, _ = _load_methods(default_twin_path(), [], None, "cpu")
     assert "mse_only" not in learned
+    # the CT scanner-noise model joins where its noise type is benchmarked, next to the twin
+    learned, methods, _, _ = _load_methods(None, [], None, "cpu", ("gaussian", "ct_correlated"))
+    assert learned["ct_texture"].checkpoint_path.name == "fpdenoise_ct_texture.pt"
+    assert methods[:3] == ["ours", "mse_only", "ct_texture"]
+    assert "ct_texture" not in _load_methods(None, [], None, "cpu", ("gaussian",))[0]
+    assert "ct_texture" not in _load_methods(default_twin_path(), [], None, "cpu", ("ct_correlated",))[0]
