@@ -278,8 +278,8 @@ class Denoiser:
         hu = float(np.median(self.noise_map_normalized(norm.forward(s))[body])) * (norm.hi - norm.lo)
         if hu < CT_NOISE_HINT_HU:
             return None
-        return (f"estimated noise {hu:.0f} HU: this model leaves most of a CT scanner's own (kernel-correlated) noise "
-                "in place; the CT scanner-noise model removes it (--model ct_texture)")
+        return (f"estimated noise {hu:.0f} HU: if it is the scanner's own (kernel-correlated) noise, this model leaves "
+                "most of it in place; the CT scanner-noise model removes it (--model ct_texture)")
 
     def normalizer(self, array: np.ndarray, modality: str | None) -> Normalizer:
         return Normalizer.for_array(array, modality=modality, policy=self.policy)
