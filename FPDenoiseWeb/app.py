@@ -152,7 +152,9 @@ def build_app(session, server=None):
         if st.state == "running":
             state.status = f"Denoising… {st.message}"
         elif st.state == "done":
-            state.status = f"Denoised (model: {dict(MODEL_CHOICES).get(session.run_model, Path(session.run_model).name)})."
+            model = dict(MODEL_CHOICES).get(session.run_model, Path(session.run_model).name)
+            note = "" if st.message == "done" else f" Note: {st.message}"
+            state.status = f"Denoised (model: {model}).{note}"
         elif st.state == "cancelled":
             state.status = "Cancelled."
         elif st.state == "error":

@@ -220,3 +220,24 @@ def test_model_choice_by_name_or_file(session, checkpoint):
     assert session.model == "default"
     session.set_model(None)
     assert session.model is None
+
+
+def test_noisy_ct_status_carries_the_ct_model_note(session, tmp_path):
+    """The background CLI's note (a noisy CT through the default) reaches the page's status; the CT model's
+    own run has none."""
+    from FPDenoiseLib.io import Image, write_image
+
+    yy, xx = np.mgrid[:64, :64]
+    hu = np.where((yy - 32) ** 2 + (xx - 32) ** 2 < 28**2, 40.0, -1000.0)
+    hu = hu + np.where(hu > -500, np.random.default_rng(0).normal(0, 60, hu.shape), 0.0)
+    write_image(Image(np.rint(np.stack([hu] * 3)).astype(np.int16), (0.7, 0.7, 2.0), (0, 0, 0), modality="CT"),
+                tmp_path / "data" / "noisy_ct.nrrd")
+    session.load("noisy_ct.nrrd")
+    session.set_model("default")
+    session.start_denoise()
+    status = session.wait_denoise(timeout=300)
+    assert status.state == "done" and "--model ct_texture" in status.message, status.message
+    session.set_model("ct_texture")
+    session.start_denoise()
+    status = session.wait_denoise(timeout=300)
+    assert status.state == "done" and status.message == "done", status.message
