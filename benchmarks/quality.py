@@ -7,9 +7,11 @@ Cases (each on the same held-out slices; patients never used for training):
 - ``gauss2`` / ``gauss5``: white Gaussian noise, sigma = 2 % / 5 % of the slice's HU range.
 - ``poisson200``: photon-counting noise, 200 photons at the slice's full scale
   (``y = Poisson(200 * (x - min) / range) / 200 * range + min``).
+- ``ctcorr``: a CT scanner's noise texture (``ct_correlated`` at level 0.5: white noise shaped by the
+  filtered-back-projection NPS, in the CT window's units), the case the CT scanner-noise model is for.
 
 Methods: the noisy input, ours (single pass and ``--ensemble`` flips/rotations), the MSE-only
-twin, BM3D (true sigma for Gaussian, estimated otherwise; non-commercial licence: benchmark
+twin and the CT scanner-noise model (``ct_texture``; both when they sit beside ``--model``), BM3D (true sigma for Gaussian, estimated otherwise; non-commercial licence: benchmark
 only), NL-means, median 5x5 and wavelet (baselines of ``FPDenoiseLib.baselines``; the filters'
 sigma is estimated from the noisy slice, as a user would run them). PSNR/SSIM in HU with
 ``data_range`` = the clean slice's HU range; 95 % CI over slices (Student t).
@@ -30,12 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from FPDenoiseLib import baselines
-from FPDenoiseLib.inference import MSE_TWIN_NAME, Denoiser, default_model_path
+from FPDenoiseLib.inference import CT_TEXTURE_NAME, MSE_TWIN_NAME, Denoiser, default_model_path
 from FPDenoiseLib.intensity import Normalizer
 from FPDenoiseLib.io import atomic_path, find_images, read_image
 from FPDenoiseLib.metrics import mean_ci95, psnr, ssim
 
-CASES = ("clean", "gauss2", "gauss5", "poisson200")
+CASES = ("clean", "gauss2", "gauss5", "poisson200", "ctcorr")  # append only: a case's index seeds its noise
 
 
 def held_out_slices(data: str, per_volume: int) -> list[tuple[str, np.ndarray]]:
@@ -64,6 +66,11 @@ def corrupt(clean: np.ndarray, case: str, seed: int) -> tuple[np.ndarray, float 
     if case == "poisson200":
         lam = 200.0 * (clean - lo) / rng_hu
         return (rng.poisson(lam) / 200.0 * rng_hu + lo).astype(np.float32), None
+    if case == "ctcorr":
+        from FPDenoiseLib.noise import add_noise
+
+        norm = Normalizer.for_array(clean, modality="CT")
+        return norm.inverse(add_noise(norm.forward(clean), "ct_correlated", level=0.5, seed=rng)), None
     raise ValueError(case)
 
 
@@ -89,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     nets = {"ours": ours, f"ours_x{args.ensemble}": ours_ens}
     if Path(twin_path).exists():
         nets["mse_twin"] = Denoiser(twin_path, device="cpu")
+    ct_path = Path(args.model).with_name(CT_TEXTURE_NAME)
+    if ct_path.exists() and ct_path.resolve() != Path(args.model).resolve():
+        nets["ct_texture"] = Denoiser(ct_path, device="cpu")
     classical = ["nlmeans", "median", "wavelet"] + ([] if args.no_bm3d else ["bm3d"])
     reused: dict[tuple[str, str, str], dict] = {}
     if args.reuse_classical:
@@ -174,7 +184,7 @@ def render(rows: list[dict], args: argparse.Namespace, slices: list) -> str:
                 cells.append(fmt.format(mean) + f" ± {fmt.format((hi - lo) / 2)}" if len(v) > 1 else fmt.format(mean))
             lines.append(f"| {case} | " + " | ".join(cells) + " |")
         lines.append("")
-    clean = [r for r in rows if r["case"] == "clean" and r["method"].startswith("ours")]
+    clean = [r for r in rows if r["case"] == "clean" and r["method"] != "noisy"]
     if clean:
         lines += ["## Clean input (level 0)", "", "| method | min PSNR (dB) | max abs mean HU shift in body | max RMSE (HU) |",
                   "| --- | ---: | ---: | ---: |"]
