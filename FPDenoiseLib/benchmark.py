@@ -457,7 +457,7 @@ def _load_methods(
     in table order, a runner per method, and the network whose restoration net scores features for
     every method (ours; None without one).
     """
-    from .inference import Denoiser, default_twin_path, resolve_model
+    from .inference import Denoiser, companion_models, resolve_model
 
     known = set(LEARNED_METHODS) | set(BASELINES) | {"noisy"}
     learned: dict[str, Any] = {}
@@ -467,13 +467,12 @@ def _load_methods(
         learned["ours"] = Denoiser(ours_path, device=device)
     elif methods is not None and "ours" in methods:
         raise InputError(f"{ours_path}: model checkpoint not found (pass --model CKPT)")
-    twin, ct = default_twin_path(), resolve_model("ct_texture")
-    shipped_set = model is None and not baseline_models
+    beside = companion_models(ours_path) if model is None and not baseline_models else {}
     baseline_models = list(baseline_models)
-    if shipped_set and twin.is_file() and (methods is None or "mse_only" in methods):
-        baseline_models.append(f"mse_only={twin}")  # the shipped MSE-only twin: the FP-vs-MSE ablation by default
-    if shipped_set and "ct_correlated" in noises and ct.is_file() and (methods is None or "ct_texture" in methods):
-        baseline_models.append(f"ct_texture={ct}")
+    if "mse_twin" in beside and (methods is None or "mse_only" in methods):
+        baseline_models.append(f"mse_only={beside['mse_twin']}")  # the FP-vs-MSE ablation by default
+    if "ct_texture" in beside and "ct_correlated" in noises and (methods is None or "ct_texture" in methods):
+        baseline_models.append(f"ct_texture={beside['ct_texture']}")
     for spec in baseline_models:
         name, path = _checkpoint_method_name(str(spec))
         den = Denoiser(path, device=device)

@@ -94,6 +94,22 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     return Path(key)
 
 
+def companion_models(model: str | os.PathLike) -> dict[str, Path]:
+    """The shipped MSE twin and CT scanner-noise model that sit beside the checkpoint ``model`` (files that
+    exist and are not ``model`` itself), by their benchmark names: what the benchmarks compare ours with.
+
+    >>> sorted(companion_models(default_model_path()))  # doctest: +SKIP
+    ['ct_texture', 'mse_twin']
+    """
+    here = Path(model)
+    out = {}
+    for name, file in (("mse_twin", MSE_TWIN_NAME), ("ct_texture", CT_TEXTURE_NAME)):
+        p = here.with_name(file)
+        if p.is_file() and p.resolve() != here.resolve():
+            out[name] = p
+    return out
+
+
 def default_twin_path() -> Path:
     """The shipped MSE-only twin of the default model (same data, recipe and steps; no FP term)."""
     return resources_dir() / "Models" / MSE_TWIN_NAME

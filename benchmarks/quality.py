@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from FPDenoiseLib import baselines
-from FPDenoiseLib.inference import CT_TEXTURE_NAME, MSE_TWIN_NAME, Denoiser, default_model_path
+from FPDenoiseLib.inference import Denoiser, companion_models, default_model_path
 from FPDenoiseLib.intensity import Normalizer
 from FPDenoiseLib.io import atomic_path, find_images, read_image
 from FPDenoiseLib.metrics import mean_ci95, psnr, ssim
@@ -90,15 +90,15 @@ def main(argv: list[str] | None = None) -> int:
                         "(they do not depend on the model; BM3D is the slow part). Their seconds are that run's.")
     args = p.parse_args(argv)
 
-    twin_path = args.twin or str(Path(args.model).with_name(MSE_TWIN_NAME))
+    beside = companion_models(args.model)  # the shipped twin and CT scanner-noise model
+    if args.twin:
+        beside["mse_twin"] = Path(args.twin)
     ours = Denoiser(args.model, device="cpu")
     ours_ens = Denoiser(args.model, device="cpu", ensemble=args.ensemble)
     nets = {"ours": ours, f"ours_x{args.ensemble}": ours_ens}
-    if Path(twin_path).exists():
-        nets["mse_twin"] = Denoiser(twin_path, device="cpu")
-    ct_path = Path(args.model).with_name(CT_TEXTURE_NAME)
-    if ct_path.exists() and ct_path.resolve() != Path(args.model).resolve():
-        nets["ct_texture"] = Denoiser(ct_path, device="cpu")
+    for name, path in beside.items():
+        if path.exists():
+            nets[name] = Denoiser(path, device="cpu")
     classical = ["nlmeans", "median", "wavelet"] + ([] if args.no_bm3d else ["bm3d"])
     reused: dict[tuple[str, str, str], dict] = {}
     if args.reuse_classical:
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(out / "quality.md") as tmp:
         Path(tmp).write_text(md)
     with atomic_path(out / "run.json") as tmp:
-        Path(tmp).write_text(json.dumps({"model": args.model, "twin": twin_path if "mse_twin" in nets else None,
+        Path(tmp).write_text(json.dumps({"model": args.model, "twin": str(beside["mse_twin"]) if "mse_twin" in nets else None,
                                          "data": args.data, "slices": [s for s, _ in slices], "seed": args.seed,
                                          "classical_rows_from": args.reuse_classical},
                                         indent=1))

@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from FPDenoiseLib import baselines
-from FPDenoiseLib.inference import CT_TEXTURE_NAME, MSE_TWIN_NAME, Denoiser, default_model_path
+from FPDenoiseLib.inference import Denoiser, companion_models, default_model_path
 from FPDenoiseLib.intensity import Normalizer
 from FPDenoiseLib.io import atomic_path, find_images, read_image
 
@@ -76,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     nets = {"ours": Denoiser(args.model, device="cpu", strength=args.strength)}
-    twin = args.twin or str(Path(args.model).with_name(MSE_TWIN_NAME))
-    if Path(twin).exists():
-        nets["mse_twin"] = Denoiser(twin, device="cpu", strength=args.strength)
-    ct = Path(args.model).with_name(CT_TEXTURE_NAME)  # the shipped CT scanner-noise model, made for this case
-    if ct.exists() and ct.resolve() != Path(args.model).resolve():
-        nets["ct_texture"] = Denoiser(ct, device="cpu", strength=args.strength)
+    beside = companion_models(args.model)  # the shipped twin and CT scanner-noise model (made for this case)
+    if args.twin:
+        beside["mse_twin"] = Path(args.twin)
+    for name, path in beside.items():
+        if path.exists():
+            nets[name] = Denoiser(path, device="cpu", strength=args.strength)
     for spec in args.extra:
         name, _, ckpt = spec.rpartition("=")
         if not name or not Path(ckpt).is_file():
