@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import plistlib
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from script_helpers import REPO, load_script
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("fetch_training_data", REPO / "scripts" / "fetch_training_data.py")
-ftd = importlib.util.module_from_spec(_spec)
-sys.modules["fetch_training_data"] = ftd
-_spec.loader.exec_module(ftd)
+ftd = load_script("scripts/fetch_training_data.py")
 
 sitk = pytest.importorskip("SimpleITK")
 pydicom = pytest.importorskip("pydicom")

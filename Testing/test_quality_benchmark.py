@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
+from script_helpers import load_script
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("quality_bench", REPO / "benchmarks" / "quality.py")
-qb = importlib.util.module_from_spec(_spec)
-sys.modules["quality_bench"] = qb
-_spec.loader.exec_module(qb)
+qb = load_script("benchmarks/quality.py", "quality_bench")
 
 
 def test_ct_texture_case_and_model_join_the_table(tmp_path):

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
+from script_helpers import load_script
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("real_noise", REPO / "benchmarks" / "real_noise.py")
-rn = importlib.util.module_from_spec(_spec)
-sys.modules["real_noise"] = rn
-_spec.loader.exec_module(rn)
+rn = load_script("benchmarks/real_noise.py")
 
 
 def test_noise_sd_reads_the_injected_noise_and_ranks_a_filter(tmp_path):

@@ -349,7 +349,6 @@ def _write_nrrd(path: Path, arr: np.ndarray, spacing, origin, direction) -> None
 
 
 def test_batch_example_on_a_folder(tmp_path, checkpoint):
-    import importlib.util
 
     slicer.mrmlScene = slicer.vtkMRMLScene()
     inp, out = tmp_path / "in", tmp_path / "out"
@@ -359,9 +358,9 @@ def test_batch_example_on_a_folder(tmp_path, checkpoint):
     _write_nrrd(inp / "a.nrrd", _ct_phantom(1), (0.6, 0.9, 3.0), (10.0, -20.0, 5.0), oblique)
     _write_nrrd(inp / "sub" / "b.nrrd", _ct_phantom(2, (2, 36, 44)), (1.0, 1.0, 1.5), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
 
-    spec = importlib.util.spec_from_file_location("batch_denoise_slicer", REPO / "examples" / "batch_denoise_slicer.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    from script_helpers import load_script
+
+    example = load_script("examples/batch_denoise_slicer.py")
     assert example.main([str(inp), str(out), "--model", str(checkpoint), "--device", "cpu"]) == 0
 
     # The library's batch driver names the outputs (same as `fpdenoise denoise IN OUT`): one per input,
