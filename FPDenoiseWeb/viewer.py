@@ -303,7 +303,7 @@ class ViewerSession:
                 self.status = DenoiseStatus("error", 0.0, job.error_summary(2) or f"denoise exit code {code}")
                 return self.status
             self._show_result(self.logic.loadBackgroundDenoiseResults(self.input_node, self._work))
-            # the CLI's note (a noisy CT through a white-noise model: Denoiser.model_hint) is the page's too
+            # the CLI's note (a CT's correlated noise left by a white-noise model: Denoiser.model_hint) is the page's too
             notes = [ln.split("note: ", 1)[1] for ln in job.lines if "note: " in ln]
             self.status = DenoiseStatus("done", 1.0, notes[0] if notes else "done")
         finally:

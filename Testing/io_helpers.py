@@ -1,4 +1,4 @@
-"""Real DICOM files for the IO tests, written with pydicom (no mocks)."""
+"""Real DICOM files for the IO tests, written with pydicom (no mocks), and small test images."""
 
 from __future__ import annotations
 
@@ -146,3 +146,18 @@ def write_chest_cr(path: Path, *, photometric: str = "MONOCHROME1", pixel_spacin
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return stored
+
+
+def noisy_ct_phantom(n: int = 64, *, sd_hu: float = 60.0, correlated: bool = True, seed: int = 0) -> np.ndarray:
+    """A disc of soft tissue (40 HU) in air (-1000 HU), float32 HU, with noise of SD ``sd_hu`` inside the body:
+    a CT scanner's kind (filtered back-projection noise of a sharp kernel, ``ct_correlated`` at a cutoff of
+    0.5 cycles/pixel) or white Gaussian noise."""
+    from FPDenoiseLib.noise import CTCorrelatedNoise
+
+    yy, xx = np.mgrid[:n, :n]
+    body = (yy - n / 2) ** 2 + (xx - n / 2) ** 2 < (0.44 * n) ** 2
+    if correlated:
+        noise = CTCorrelatedNoise(sigma=sd_hu, cutoff=0.5, seed=seed)(np.zeros((n, n), np.float32))
+    else:
+        noise = np.random.default_rng(seed).normal(0.0, sd_hu, (n, n))
+    return np.where(body, 40.0 + noise, -1000.0).astype(np.float32)

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
-from io_helpers import read_dicom_dir, tree_hash, write_ct_series
+from io_helpers import noisy_ct_phantom, read_dicom_dir, tree_hash, write_ct_series
 
 from FPDenoiseLib.checkpoint import save_checkpoint
 from FPDenoiseLib.cli import main, series_output_name
@@ -220,17 +220,17 @@ def test_shipped_model_by_name_on_the_command_line(tmp_path, capsys):
 
 
 def test_cli_notes_the_ct_model_for_a_noisy_ct(tmp_path, capsys):
-    """The default on a CT with scanner-level noise prints a one-line note naming --model ct_texture (the
-    Slicer module's background path shows the CLI's lines in its log); a clean CT gets none."""
-    yy, xx = np.mgrid[:96, :96]
-    body = ((yy - 48) ** 2 + (xx - 48) ** 2 < 40**2)
-    clean = np.where(body, 40.0, -1000.0)
-    noisy = clean + np.where(body, np.random.default_rng(3).normal(0, 60, clean.shape), 0.0)
+    """The default on a CT with a scanner's kernel-correlated noise prints a one-line note naming --model
+    ct_texture (the Slicer module's background path shows the CLI's lines in its log); a clean CT and a CT
+    with as much white noise (which the default removes) get none."""
     from FPDenoiseLib.io import Image, write_image
 
-    for name, arr in (("noisy", noisy), ("clean", clean)):  # an FPDenoise NRRD keeps its modality (CT)
+    for name, arr in (("noisy", noisy_ct_phantom(96, seed=3)), ("clean", noisy_ct_phantom(96, sd_hu=0.0)),
+                      ("white", noisy_ct_phantom(96, correlated=False, seed=3))):
+        # an FPDenoise NRRD keeps its modality (CT)
         write_image(Image(np.rint(arr[None]).astype(np.int16), (0.7, 0.7, 2.0), (0, 0, 0), modality="CT"),
                     tmp_path / f"{name}.nrrd")
         rc, _, err = _run(capsys, "denoise", tmp_path / f"{name}.nrrd", tmp_path / f"{name}_d.nrrd", "--device", "cpu")
         assert rc == 0, err
-        assert ("note: estimated noise" in err and "--model ct_texture" in err) == (name == "noisy"), (name, err)
+        assert ("note: the CT scanner-noise model" in err and "--model ct_texture" in err) == (name == "noisy"), (
+            name, err)

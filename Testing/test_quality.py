@@ -228,8 +228,9 @@ def test_strength_below_one_blends_the_full_correction(real_slice):
 
 
 def test_a_noisy_ct_through_the_default_points_to_the_ct_model(shipped, ct_texture, real_slice):
-    """Denoiser.model_hint: a CT with scanner-level noise given to the default names the CT model; a clean CT,
-    the CT model itself and other modalities get no hint."""
+    """Denoiser.model_hint: a CT with a scanner's kernel-correlated noise given to the default names the CT
+    model; white noise of the same level (which the default removes), a clean CT, the CT model itself and
+    other modalities get no hint."""
     from FPDenoiseLib.noise import add_noise
 
     x = Normalizer.for_array(real_slice, modality="CT").forward(real_slice)
@@ -237,6 +238,10 @@ def test_a_noisy_ct_through_the_default_points_to_the_ct_model(shipped, ct_textu
         add_noise(x, "ct_correlated", level=0.5, seed=2).astype(np.float32))
     hint = shipped.model_hint(noisy_hu, modality="CT")
     assert hint and "--model ct_texture" in hint and "HU" in hint
+    sd = float(np.std((noisy_hu - real_slice)[real_slice > -500]))
+    white = real_slice + np.random.default_rng(2).normal(0.0, sd, real_slice.shape).astype(np.float32)
+    assert shipped.model_hint(white, modality="CT") is None, sd  # white noise: the default removes it
+    assert Denoiser("default", device="cpu", strength=0.3).model_hint(white, modality="CT") is None  # not the setting
     assert shipped.model_hint(np.stack([real_slice, noisy_hu, real_slice]), modality="CT")  # the middle slice
     assert shipped.model_hint(real_slice, modality="CT") is None
     assert ct_texture.model_hint(noisy_hu, modality="CT") is None

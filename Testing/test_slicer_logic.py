@@ -687,11 +687,11 @@ def test_shipped_models_by_name(logic):
 
 
 def test_denoise_result_carries_the_ct_model_hint(logic):
-    """A CT volume with scanner-level noise through the default: the result's modelHint names the CT model
-    (the module shows it in its log); through the CT model itself: no hint."""
-    yy, xx = np.mgrid[:64, :64]
-    hu = np.where((yy - 32) ** 2 + (xx - 32) ** 2 < 28**2, 40.0, -1000.0)
-    hu = hu + np.where(hu > -500, np.random.default_rng(0).normal(0, 60, hu.shape), 0.0)
+    """A CT volume with a scanner's kernel-correlated noise through the default: the result's modelHint names
+    the CT model (the module shows it in its log); through the CT model itself: no hint."""
+    from io_helpers import noisy_ct_phantom
+
+    hu = noisy_ct_phantom(64)  # a scanner's kernel-correlated noise, which the default keeps
     node = slicer.util.addVolumeFromArray(np.rint(np.stack([hu] * 3)).astype(np.int16), name="noisy CT")
     node.SetAttribute("FPDenoise.Modality", "CT")
     res = logic.denoise(node, None, device="cpu", computeSaliency=False, modality="CT")

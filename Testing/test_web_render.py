@@ -225,11 +225,11 @@ def test_model_choice_by_name_or_file(session, checkpoint):
 def test_noisy_ct_status_carries_the_ct_model_note(session, tmp_path):
     """The background CLI's note (a noisy CT through the default) reaches the page's status; the CT model's
     own run has none."""
+    from io_helpers import noisy_ct_phantom
+
     from FPDenoiseLib.io import Image, write_image
 
-    yy, xx = np.mgrid[:64, :64]
-    hu = np.where((yy - 32) ** 2 + (xx - 32) ** 2 < 28**2, 40.0, -1000.0)
-    hu = hu + np.where(hu > -500, np.random.default_rng(0).normal(0, 60, hu.shape), 0.0)
+    hu = noisy_ct_phantom(64)  # a scanner's kernel-correlated noise, which the default keeps
     write_image(Image(np.rint(np.stack([hu] * 3)).astype(np.int16), (0.7, 0.7, 2.0), (0, 0, 0), modality="CT"),
                 tmp_path / "data" / "noisy_ct.nrrd")
     session.load("noisy_ct.nrrd")

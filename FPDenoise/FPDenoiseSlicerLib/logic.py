@@ -361,8 +361,8 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         of :mod:`FPDenoiseLib.display`. Existing nodes passed as ``outputVolumeNode``/``...Node`` are
         overwritten instead of adding new ones. ``fpScore`` is the feature-preservation score (Pearson
         correlation of the two maps) or None. ``strength``: 0 = input unchanged, 1 = as trained, up to 3.
-        ``modelHint``: a one-line pointer to the CT scanner-noise model when a noisy CT went through
-        another model (``Denoiser.model_hint``), else None.
+        ``modelHint``: a one-line pointer to the CT scanner-noise model when another model left a CT's
+        correlated noise in place that it would remove (``Denoiser.model_hint``), else None.
         """
         image = self.imageFromVolume(inputVolumeNode, modality)
         denoiser = self.getDenoiser(modelPath, device, batchSize, strength=strength)
