@@ -162,6 +162,7 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         self.ui.defaultModelButton.connect("clicked(bool)", self.onDefaultModelButton)
         self.ui.ctTextureModelButton.connect("clicked(bool)", self.onCtTextureModelButton)
+        self.ui.autoModelButton.connect("clicked(bool)", self.onAutoModelButton)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.backgroundPercentileSlider.connect("valueChanged(double)", self.onBackgroundPercentileChanged)
         self.ui.sideBySideButton.connect("clicked(bool)", self.onSideBySideButton)
@@ -377,6 +378,9 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCtTextureModelButton(self) -> None:
         self._parameterNode.modelPath = "ct_texture"
+
+    def onAutoModelButton(self) -> None:
+        self._parameterNode.modelPath = "auto"
 
     # ---- simulate / metrics
     def onSimulateButton(self) -> None:

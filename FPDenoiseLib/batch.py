@@ -151,6 +151,7 @@ class ItemResult:
     outputs: dict = field(default_factory=dict)  # role ("denoised", "saliency_input"...) -> Path
     fp_score: float | None = None
     reason: str = ""
+    model: str = ""  # the model that denoised it, where it is not the run's (``--model auto``)
 
 
 @dataclass
@@ -198,7 +199,8 @@ class BatchSummary:
             "failed": len(self.failed),
             "items": [
                 {"label": r.label, "status": r.status, "output": str(r.output),
-                 "outputs": {k: str(v) for k, v in r.outputs.items()}, "fp_score": r.fp_score, "reason": r.reason}
+                 "outputs": {k: str(v) for k, v in r.outputs.items()}, "fp_score": r.fp_score, "reason": r.reason,
+                 **({"model": r.model} if r.model else {})}
                 for r in self.items
             ],
         }
@@ -228,10 +230,10 @@ def denoise_item(
     existence of the (atomically renamed) denoised output means the item is complete."""
     from .io import write_image
 
-    res = denoiser.run(image, saliency=bool(saliency_dir), progress=progress)
-    hint = denoiser.model_hint(image.array, modality=image.modality)
-    if hint:
-        log(f"{output.name}: note: {hint}")
+    den, note = denoiser.choose(image.array, modality=image.modality)
+    if note:
+        log(f"{output.name}: note: {note}")
+    res = den.run(image, saliency=bool(saliency_dir), progress=progress)
     outputs: dict = {}
     if saliency_dir:
         targets = map_paths(output, saliency_dir, saliency_format)
@@ -241,12 +243,12 @@ def denoise_item(
         for role in MAP_ROLES:
             arr, what = maps[role]
             outputs[role] = write_image(arr, targets[role], like=image,
-                                        description=f"FPDenoise {what} ({denoiser.name})")
+                                        description=f"FPDenoise {what} ({den.name})")
         log(f"{output.name}: feature-preservation score (corr. of GB maps, input vs denoised): {res.fp_score:.4f}")
     outputs["denoised"] = write_image(res.denoised, output, like=image,
-                                      description=f"FPDenoise denoised ({denoiser.name})")
+                                      description=f"FPDenoise denoised ({den.name})")
     return ItemResult(str(image.source or output), "done", outputs["denoised"], outputs,
-                      None if res.fp_score is None else float(res.fp_score))
+                      None if res.fp_score is None else float(res.fp_score), model="" if den is denoiser else den.name)
 
 
 def output_complete(target: Path) -> bool:
@@ -274,7 +276,7 @@ def denoise_batch(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: batch mode writes one output per series into a folder, but this is a file")
-    summary = BatchSummary(Path(input_root) if input_root is not None else out, model=getattr(denoiser, "name", ""),
+    summary = BatchSummary(Path(input_root) if input_root is not None else out, model=getattr(denoiser, "label", ""),
                            strength=getattr(denoiser, "strength", None))
     n = len(items)
     for i, item in enumerate(items, 1):

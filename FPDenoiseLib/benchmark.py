@@ -457,8 +457,11 @@ def _load_methods(
     in table order, a runner per method, and the network whose restoration net scores features for
     every method (ours; None without one).
     """
-    from .inference import Denoiser, companion_models, resolve_model
+    from .inference import AUTO_MODEL, Denoiser, companion_models, resolve_model
 
+    if str(model or "").strip() == AUTO_MODEL:  # the benchmark compares fixed models on normalised slices
+        raise InputError("--model auto picks a model per CT volume; benchmark the models it picks from "
+                         "(default; --noises ct_correlated adds ct_texture)")
     known = set(LEARNED_METHODS) | set(BASELINES) | {"noisy"}
     learned: dict[str, Any] = {}
     ours_path = resolve_model(model)

@@ -142,7 +142,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
             if role in result.outputs:
                 print(result.outputs[role])
         if args.summary_json:
-            BatchSummary(inp, [result], model=den.name, strength=den.strength).write_json(args.summary_json)
+            BatchSummary(inp, [result], model=den.label, strength=den.strength).write_json(args.summary_json)
         return 0
     return _denoise_batch(inp, out, items, args)
 
@@ -344,7 +344,8 @@ def _add_quality(p: argparse.ArgumentParser) -> None:
 
 # inference.SHIPPED_MODELS, spelled out so that building the parser does not import torch (a test keeps them equal)
 MODEL_HELP = ("checkpoint file, or a shipped model by name: default (FP-trained, all noise types), mse_twin (its "
-              "MSE-only twin), ct_texture (CT: a scanner's correlated noise); default: default")
+              "MSE-only twin), ct_texture (CT: a scanner's correlated noise), auto (the default, or ct_texture for a "
+              "CT whose noise it would remove and the default keeps; the note says which); default: default")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:

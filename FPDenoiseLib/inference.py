@@ -42,6 +42,11 @@ SHIPPED_MODELS = {
     "mse_twin": MSE_TWIN_NAME,  # its MSE-only twin (the FP-vs-MSE ablation)
     "ct_texture": CT_TEXTURE_NAME,  # CT only: a scanner's kernel-correlated noise (real low-dose CT)
 }
+#: Not a file: the default model, except for a CT whose noise the CT scanner-noise model would remove and
+#: the default keeps (``Denoiser.choose``), which then goes through that model.
+AUTO_MODEL = "auto"
+#: Every model name ``--model``, the Slicer module and the browser viewer take.
+MODEL_NAMES = (*SHIPPED_MODELS, AUTO_MODEL)
 # Pixel budget per batch: bounds activation memory independent of slice size (~1.5 GB on CPU
 # for the default U-Net at 2M pixels).
 MAX_BATCH_PIXELS = 2_000_000
@@ -84,13 +89,14 @@ CT_NOISE_HINT_RATIO = 1.5
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
-    """The checkpoint file for ``model``: None or "" = the default, a name of :data:`SHIPPED_MODELS`, or a path.
+    """The checkpoint file for ``model``: None, "" or "auto" = the default, a name of :data:`SHIPPED_MODELS`, or a
+    path.
 
     >>> resolve_model("ct_texture").name
     'fpdenoise_ct_texture.pt'
     """
     key = "" if model is None else str(model).strip()
-    if not key:
+    if not key or key == AUTO_MODEL:
         return default_model_path()
     if key in SHIPPED_MODELS:
         return resources_dir() / "Models" / SHIPPED_MODELS[key]
@@ -186,6 +192,9 @@ class Denoiser:
         self.strength = float(strength)
         self.ensemble = int(ensemble)
         self.checkpoint_path = resolve_model(checkpoint)
+        # "auto": the default, or the CT scanner-noise model for the CTs it is for (choose)
+        self.auto = isinstance(checkpoint, str) and checkpoint.strip() == AUTO_MODEL
+        self._settings = {"device": device, "batch_size": batch_size, "ensemble": ensemble, "precision": precision}
         self.ckpt = load_checkpoint(self.checkpoint_path)
         self.device = pick_device(device)
         if precision == "bf16" and not bf16_supported(self.device):
@@ -209,6 +218,8 @@ class Denoiser:
                     p.requires_grad_(False)
         self.policy = {**DEFAULT_POLICY, **self.ckpt.get("normalization", {})}
         self.name = self.ckpt.get("training", {}).get("name") or self.checkpoint_path.stem
+        # what a run report names: with "auto", the model per item is in the item (batch.ItemResult.model)
+        self.label = f"auto ({self.name}, or the CT scanner-noise model per CT)" if self.auto else self.name
         # the feature the model was trained to preserve; older checkpoints get the current default
         self.readout = self.ckpt.get("training", {}).get("readout") or DEFAULT_READOUT
 
@@ -290,12 +301,38 @@ class Denoiser:
         >>> Denoiser(device="cpu").model_hint(np.full((64, 64), 40.0), modality="CT") is None
         True
         """
+        found = self._ct_noise(array, modality)
+        if found is None:
+            return None
+        return (f"the CT scanner-noise model would remove {found[1]:.0f} HU of noise here, this model "
+                f"{found[0]:.0f} HU: the noise is correlated like a CT scanner's own, which this model reads as "
+                "texture (--model ct_texture)")
+
+    def choose(self, array: np.ndarray, *, modality: str | None = None) -> tuple[Denoiser, str | None]:
+        """The denoiser to run on ``array`` and a one-line note for the user (or None).
+
+        A ``Denoiser("auto")`` hands a CT that :meth:`model_hint` would point to the CT scanner-noise model over
+        to that model (same device, strength and ensemble), and says so; any other input, and any other
+        model, stays with this one, whose note is :meth:`model_hint`.
+        """
+        if not self.auto:
+            return self, self.model_hint(array, modality=modality)
+        found = self._ct_noise(array, modality)
+        if found is None:
+            return self, None
+        ct = self._ct_texture()
+        ct.strength = self.strength
+        return ct, (f"auto: the CT scanner-noise model, which removes {found[1]:.0f} HU of noise here where the "
+                    f"default removes {found[0]:.0f} HU (the noise is correlated like a CT scanner's own)")
+
+    def _ct_noise(self, array: np.ndarray, modality: str | None) -> tuple[float, float] | None:
+        """(this model's, the CT model's correction in HU) where the CT model is the one for this CT, else None."""
         a = _check_array(array)
         if (modality or "").upper() != "CT" or self.checkpoint_path.name == CT_TEXTURE_NAME or not isinstance(
             self.model, ResUNet
         ):
             return None
-        ct = self._ct_texture_model()
+        ct = self._ct_texture()
         s = np.asarray(a if a.ndim == 2 else a[a.shape[0] // 2], dtype=np.float32)
         body = s > -500
         if ct is None or body.sum() < 256:
@@ -304,23 +341,21 @@ class Denoiser:
         removed = []
         with torch.inference_mode():
             t = self._tensor(norm.forward(s)[None])
-            for net in (self.model, ct):
+            for net in (self.model, ct.model):
                 r = (t - net(t, strength=1.0))[0, 0].float().cpu().numpy()[body]
                 removed.append(1.4826 * float(np.median(np.abs(r - np.median(r)))) * (norm.hi - norm.lo))
         ours, theirs = removed
         if theirs < CT_NOISE_HINT_HU or theirs < CT_NOISE_HINT_RATIO * ours:
             return None
-        return (f"the CT scanner-noise model would remove {theirs:.0f} HU of noise here, this model {ours:.0f} HU: "
-                "the noise is correlated like a CT scanner's own, which this model reads as texture "
-                "(--model ct_texture)")
+        return ours, theirs
 
-    def _ct_texture_model(self) -> ResUNet | None:
-        """The shipped CT scanner-noise denoiser on this device (cached), or None where it is not installed."""
-        if not hasattr(self, "_ct_model"):
+    def _ct_texture(self) -> Denoiser | None:
+        """The shipped CT scanner-noise model with this one's settings (cached), or None where it is not
+        installed."""
+        if not hasattr(self, "_ct"):
             path = resolve_model("ct_texture")
-            net = model_from_checkpoint(load_checkpoint(path), "denoiser") if path.is_file() else None
-            self._ct_model = net.to(self.device).to(memory_format=torch.channels_last) if net is not None else None
-        return self._ct_model
+            self._ct = Denoiser(path, strength=self.strength, **self._settings) if path.is_file() else None
+        return self._ct
 
     def normalizer(self, array: np.ndarray, modality: str | None) -> Normalizer:
         return Normalizer.for_array(array, modality=modality, policy=self.policy)

@@ -32,7 +32,8 @@ MODEL_CHOICES = (
     ("default", "Default (all noise types)"),
     ("ct_texture", "CT scanner noise (CT only)"),
     ("mse_twin", "MSE-only twin (ablation)"),
-)  # the names of FPDenoiseLib.inference.SHIPPED_MODELS (a test keeps them equal)
+    ("auto", "Automatic (the CT model for a CT scanner's noise)"),
+)  # the names of FPDenoiseLib.inference.MODEL_NAMES (a test keeps them equal)
 
 
 def add_view_parser(subparsers) -> argparse.ArgumentParser:

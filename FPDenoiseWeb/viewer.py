@@ -303,7 +303,7 @@ class ViewerSession:
                 self.status = DenoiseStatus("error", 0.0, job.error_summary(2) or f"denoise exit code {code}")
                 return self.status
             self._show_result(self.logic.loadBackgroundDenoiseResults(self.input_node, self._work))
-            # the CLI's note (a CT's correlated noise left by a white-noise model: Denoiser.model_hint) is the page's too
+            # the CLI's note on the model choice (Denoiser.choose) is the page's too
             notes = [ln.split("note: ", 1)[1] for ln in job.lines if "note: " in ln]
             self.status = DenoiseStatus("done", 1.0, notes[0] if notes else "done")
         finally:
@@ -399,8 +399,8 @@ class ViewerSession:
         self._refresh()
 
     def set_model(self, model: str | os.PathLike | None) -> None:
-        """Model for the next run: a checkpoint file, a shipped model's name (``default``, ``mse_twin``,
-        ``ct_texture``) or None (the default). A missing file is refused and the current model kept."""
+        """Model for the next run: a checkpoint file, a model's name (``default``, ``mse_twin``, ``ct_texture``,
+        ``auto``) or None (the default). A missing file is refused and the current model kept."""
         from FPDenoiseLib.inference import resolve_model
 
         key = str(model).strip() if model else ""

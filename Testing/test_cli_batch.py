@@ -219,6 +219,34 @@ def test_shipped_model_by_name_on_the_command_line(tmp_path, capsys):
     assert rc == 2 and "ct_textur" in err and "not found" in err and not (tmp_path / "bad.nrrd").exists()
 
 
+def test_cli_model_auto_takes_the_ct_model_only_for_a_ct_scanner_noise(tmp_path, capsys):
+    """`--model auto` over a folder: the CT with a scanner's correlated noise goes through the CT model (its
+    output is that model's, the log and the summary say so), the CT with white noise through the default."""
+    import json
+
+    from FPDenoiseLib.io import Image, write_image
+
+    (tmp_path / "in").mkdir()
+    vols = {"corr": noisy_ct_phantom(96, seed=5), "white": noisy_ct_phantom(96, correlated=False, seed=5)}
+    for name, arr in vols.items():
+        write_image(Image(np.rint(arr[None]).astype(np.int16), (0.7, 0.7, 2.0), (0, 0, 0), modality="CT"),
+                    tmp_path / "in" / f"{name}.nrrd")
+    rc, _, err = _run(capsys, "denoise", tmp_path / "in", tmp_path / "out", "--model", "auto", "--device", "cpu",
+                      "--summary-json", tmp_path / "s.json")
+    assert rc == 0, err
+    assert "corr.nrrd: note: auto: the CT scanner-noise model" in err and "white.nrrd: note" not in err, err
+    for name, model in (("corr", "ct_texture"), ("white", "default")):
+        src = read_image(tmp_path / "in" / f"{name}.nrrd")
+        want = Denoiser(model, device="cpu").denoise_array(src.array, modality="CT")
+        np.testing.assert_array_equal(read_image(tmp_path / "out" / f"{name}.nrrd").array, want)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["model"].startswith("auto (")
+    used = {Path(it["output"]).name: it.get("model") for it in summary["items"]}
+    assert used == {"corr.nrrd": Denoiser("ct_texture", device="cpu").name, "white.nrrd": None}, used
+    rc, _, err = _run(capsys, "benchmark", "--data", tmp_path / "in", "--out", tmp_path / "b", "--model", "auto")
+    assert rc == 2 and "--model auto picks a model per CT volume" in err and not (tmp_path / "b" / "results.csv").exists()
+
+
 def test_cli_notes_the_ct_model_for_a_noisy_ct(tmp_path, capsys):
     """The default on a CT with a scanner's kernel-correlated noise prints a one-line note naming --model
     ct_texture (the Slicer module's background path shows the CLI's lines in its log); a clean CT and a CT

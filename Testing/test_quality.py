@@ -242,6 +242,13 @@ def test_a_noisy_ct_through_the_default_points_to_the_ct_model(shipped, ct_textu
     white = real_slice + np.random.default_rng(2).normal(0.0, sd, real_slice.shape).astype(np.float32)
     assert shipped.model_hint(white, modality="CT") is None, sd  # white noise: the default removes it
     assert Denoiser("default", device="cpu", strength=0.3).model_hint(white, modality="CT") is None  # not the setting
+    # "auto" runs the CT model exactly where the note would point to it, at the same strength
+    auto = Denoiser("auto", device="cpu", strength=0.75)
+    den, note = auto.choose(noisy_hu, modality="CT")
+    assert den.checkpoint_path.name == "fpdenoise_ct_texture.pt" and den.strength == 0.75 and note.startswith("auto:")
+    for arr, modality in ((white, "CT"), (real_slice, "CT"), (noisy_hu, "MR")):
+        assert auto.choose(arr, modality=modality) == (auto, None)
+    assert shipped.choose(noisy_hu, modality="CT") == (shipped, hint)  # other models: the note only
     assert shipped.model_hint(np.stack([real_slice, noisy_hu, real_slice]), modality="CT")  # the middle slice
     assert shipped.model_hint(real_slice, modality="CT") is None
     assert ct_texture.model_hint(noisy_hu, modality="CT") is None

@@ -696,4 +696,26 @@ def test_denoise_result_carries_the_ct_model_hint(logic):
     node.SetAttribute("FPDenoise.Modality", "CT")
     res = logic.denoise(node, None, device="cpu", computeSaliency=False, modality="CT")
     assert res["modelHint"] and "ct_texture" in res["modelHint"]
-    assert logic.denoise(node, "ct_texture", device="cpu", computeSaliency=False, modality="CT")["modelHint"] is None
+    ct = logic.denoise(node, "ct_texture", device="cpu", computeSaliency=False, modality="CT")
+    assert ct["modelHint"] is None
+
+
+def test_automatic_model_choice_on_a_real_scene(logic):
+    """modelPath "auto": a CT with a scanner's correlated noise is denoised by the CT model (same voxels as
+    choosing it, the note and the output node name it), a CT with white noise by the default, with no note."""
+    from io_helpers import noisy_ct_phantom
+
+    assert "automatic" in logic.modelDescription("auto")
+    for name, hu, model in (("corr", noisy_ct_phantom(64, seed=1), "ct_texture"),
+                            ("white", noisy_ct_phantom(64, correlated=False, seed=1), "default")):
+        node = slicer.util.addVolumeFromArray(np.rint(np.stack([hu] * 3)).astype(np.int16), name=name)
+        res = logic.denoise(node, "auto", device="cpu", computeSaliency=False, modality="CT")
+        want = logic.denoise(node, model, device="cpu", computeSaliency=False, modality="CT")
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(res["outputVolumeNode"]),
+                                      slicer.util.arrayFromVolume(want["outputVolumeNode"]))
+        assert res["modelName"] == want["modelName"]
+        assert res["outputVolumeNode"].GetAttribute("FPDenoise.Model") == want["modelName"]
+        if model == "ct_texture":
+            assert res["modelHint"].startswith("auto: the CT scanner-noise model"), res["modelHint"]
+        else:
+            assert res["modelHint"] is None

@@ -217,19 +217,20 @@ def test_extension_screenshot_shows_the_slicer_module():
 
 
 def test_shipped_model_names_agree_everywhere():
-    """The shipped models' names (inference.SHIPPED_MODELS) are the ones the CLI help, the browser viewer's
-    model list and the Slicer Logic's descriptions offer, and the module has a button for the CT model."""
+    """The model names (inference.MODEL_NAMES: the shipped models and "auto") are the ones the CLI help, the
+    browser viewer's model list and the Slicer Logic's descriptions offer, and the module has a button for the
+    CT model and for the automatic choice."""
     from FPDenoiseLib.cli import MODEL_HELP
-    from FPDenoiseLib.inference import SHIPPED_MODELS
+    from FPDenoiseLib.inference import MODEL_NAMES
 
     web = ast.parse((REPO / "FPDenoiseWeb" / "app.py").read_text())
     choices = next(ast.literal_eval(n.value) for n in web.body
                    if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "MODEL_CHOICES")
-    assert sorted(v for v, _ in choices) == sorted(SHIPPED_MODELS)
-    assert all(f"{name} (" in MODEL_HELP for name in SHIPPED_MODELS), MODEL_HELP
+    assert sorted(v for v, _ in choices) == sorted(MODEL_NAMES)
+    assert all(f"{name} (" in MODEL_HELP for name in MODEL_NAMES), MODEL_HELP
     logic = (MODULE / "FPDenoiseSlicerLib" / "logic.py").read_text()
     roles = re.search(r"roles = (\{.*?\})\n", logic, re.S)
-    assert roles and sorted(ast.literal_eval(roles.group(1))) == sorted(SHIPPED_MODELS)
+    assert roles and sorted(ast.literal_eval(roles.group(1))) == sorted(MODEL_NAMES)
     names = {e.get("name") for e in ET.parse(UI).getroot().iter("widget")}
-    assert {"defaultModelButton", "ctTextureModelButton"} <= names
-    assert 'modelPath = "ct_texture"' in SCRIPT.read_text()
+    assert {"defaultModelButton", "ctTextureModelButton", "autoModelButton"} <= names
+    assert 'modelPath = "ct_texture"' in SCRIPT.read_text() and 'modelPath = "auto"' in SCRIPT.read_text()

@@ -205,13 +205,15 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
     @staticmethod
     def modelDescription(modelPath: str | os.PathLike | None) -> str:
         """What the module shows as the model in use: a shipped model's role, or the checkpoint's path."""
-        from FPDenoiseLib.inference import SHIPPED_MODELS
+        from FPDenoiseLib.inference import MODEL_NAMES
 
         key = str(modelPath or "").strip() or "default"
         roles = {"default": "shipped default model (all noise types)",
                  "mse_twin": "shipped MSE-only twin (ablation)",
-                 "ct_texture": "shipped CT scanner-noise model (CT only)"}
-        return roles.get(key, f"shipped model {key}") if key in SHIPPED_MODELS else key
+                 "ct_texture": "shipped CT scanner-noise model (CT only)",
+                 "auto": "automatic: the default model, or the CT scanner-noise model for a CT whose correlated "
+                         "noise the default keeps"}
+        return roles.get(key, f"shipped model {key}") if key in MODEL_NAMES else key
 
     @staticmethod
     def sampleDataPath() -> Path:
@@ -228,14 +230,15 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
     ):
         """A cached :class:`FPDenoiseLib.inference.Denoiser` (loading a checkpoint takes a moment).
 
-        ``modelPath``: a checkpoint file or a shipped model's name ("default", "mse_twin", "ct_texture").
+        ``modelPath``: a checkpoint file or a model's name ("default", "mse_twin", "ct_texture", "auto").
         """
-        from FPDenoiseLib.inference import Denoiser, resolve_model
+        from FPDenoiseLib.inference import AUTO_MODEL, Denoiser, resolve_model
 
         path = str(resolve_model(modelPath))
-        key = (path, device, os.path.getmtime(path) if os.path.exists(path) else 0.0)
+        auto = str(modelPath or "").strip() == AUTO_MODEL
+        key = (path, auto, device, os.path.getmtime(path) if os.path.exists(path) else 0.0)
         if key not in self._denoisers:
-            self._denoisers = {key: Denoiser(path, device=device, batch_size=batchSize)}
+            self._denoisers = {key: Denoiser(AUTO_MODEL if auto else path, device=device, batch_size=batchSize)}
         denoiser = self._denoisers[key]
         # Strength is applied at run time (map and correction): same loaded networks, validated like the CLI.
         if float(strength) != denoiser.strength:
@@ -354,18 +357,21 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         """Denoise a volume node in this process.
 
         Returns ``dict(outputVolumeNode, inputSaliencyNode, outputSaliencyNode, featureChangeNode,
-        fpScore, modelHint)``; the output has the input's geometry, dtype and units (HU stays HU) and is named
+        fpScore, modelHint, modelName)``; the output has the input's geometry, dtype and units (HU stays HU) and is named
         ``"<input> denoised"``; saliency maps (|Guided Backprop| of the restoration net, float32) are
         ``"<input> saliency"`` and ``"<input> denoised saliency"``, the feature change
         ``|GB(denoised) - GB(input)|`` is ``"<input> feature change"``, all shown with the display rule
         of :mod:`FPDenoiseLib.display`. Existing nodes passed as ``outputVolumeNode``/``...Node`` are
         overwritten instead of adding new ones. ``fpScore`` is the feature-preservation score (Pearson
         correlation of the two maps) or None. ``strength``: 0 = input unchanged, 1 = as trained, up to 3.
-        ``modelHint``: a one-line pointer to the CT scanner-noise model when another model left a CT's
-        correlated noise in place that it would remove (``Denoiser.model_hint``), else None.
+        ``modelHint``: a one-line note on the model choice (``Denoiser.choose``): a pointer to the CT
+        scanner-noise model when another model leaves a CT's correlated noise in place that it would remove,
+        or, with ``modelPath="auto"``, that it was used; else None. ``modelName``: the model that denoised it.
         """
         image = self.imageFromVolume(inputVolumeNode, modality)
-        denoiser = self.getDenoiser(modelPath, device, batchSize, strength=strength)
+        # the same choice and note as the CLI (the background path)
+        denoiser, note = self.getDenoiser(modelPath, device, batchSize, strength=strength).choose(
+            image.array, modality=image.modality)
         result = denoiser.run(image, saliency=computeSaliency, progress=progress)
 
         def arr(img):
@@ -385,8 +391,8 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
             modelName=getattr(denoiser, "name", ""),
             strength=strength,
         )
-        # the same note the CLI (the background path) prints: a noisy CT given to a white-noise model
-        nodes["modelHint"] = denoiser.model_hint(image.array, modality=image.modality)
+        nodes["modelHint"] = note
+        nodes["modelName"] = denoiser.name
         return nodes
 
     def _addResultNodes(
@@ -670,7 +676,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
             load("saliency_output"),
             item.get("fp_score"),
             change=load("feature_change"),
-            modelName=info.get("model", ""),
+            modelName=item.get("model") or info.get("model", ""),  # the item's own where "auto" chose one
             strength=info.get("strength"),
             **nodes,
         )
