@@ -224,7 +224,7 @@ def test_model_choice_by_name_or_file(session, checkpoint):
 
 def test_noisy_ct_status_carries_the_ct_model_note(session, tmp_path):
     """The background CLI's note (a noisy CT through the default) reaches the page's status; the CT model's
-    own run has none."""
+    own run has none; "auto" runs the CT model and says so."""
     from io_helpers import noisy_ct_phantom
 
     from FPDenoiseLib.io import Image, write_image
@@ -237,7 +237,15 @@ def test_noisy_ct_status_carries_the_ct_model_note(session, tmp_path):
     session.start_denoise()
     status = session.wait_denoise(timeout=300)
     assert status.state == "done" and "--model ct_texture" in status.message, status.message
+    default_name = session.result["outputVolumeNode"].GetAttribute("FPDenoise.Model")
     session.set_model("ct_texture")
     session.start_denoise()
     status = session.wait_denoise(timeout=300)
     assert status.state == "done" and status.message == "done", status.message
+    ct_name = session.result["outputVolumeNode"].GetAttribute("FPDenoise.Model")
+    # "auto" through the background CLI: the CT model ran (the note says so, the result node names it)
+    session.set_model("auto")
+    session.start_denoise()
+    status = session.wait_denoise(timeout=300)
+    assert status.state == "done" and status.message.startswith("auto: the CT scanner-noise model"), status.message
+    assert session.result["outputVolumeNode"].GetAttribute("FPDenoise.Model") == ct_name != default_name
