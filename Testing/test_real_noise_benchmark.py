@@ -36,3 +36,23 @@ def test_no_volumes_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert rn.main(["--data", str(tmp_path / "empty"), "--no-bm3d", "--out", str(tmp_path / "o")]) == 2
     assert "fetch_training_data" in capsys.readouterr().err
+
+
+def test_auto_row_is_the_model_auto_picks_per_volume(tmp_path):
+    """With the shipped default, the ``auto`` rows are the CT model's on a CT with a scanner's correlated noise
+    and the default's on a CT with white noise, and the table says which it picked."""
+    from io_helpers import noisy_ct_phantom
+
+    from FPDenoiseLib.io import Image, write_image
+
+    for name, corr in (("corr", True), ("white", False)):
+        vol = np.stack([noisy_ct_phantom(96, correlated=corr, seed=s) for s in range(3)])
+        write_image(Image(np.rint(vol).astype(np.int16), (0.7, 0.7, 1.25), (0, 0, 0), modality="CT"),
+                    tmp_path / "d" / f"{name}.nrrd")
+    out = tmp_path / "out"
+    assert rn.main(["--data", str(tmp_path / "d"), "--per-volume", "1", "--no-bm3d", "--out", str(out)]) == 0
+    rows = {(r["pair"].split("[")[0], r["method"]): r for r in csv.DictReader(open(out / "real_noise.csv"))}
+    for vol, picked in (("corr", "ct_texture"), ("white", "ours")):
+        assert rows[(vol, "auto")]["noise_sd"] == rows[(vol, picked)]["noise_sd"], vol
+    assert rows[("corr", "ct_texture")]["noise_sd"] != rows[("corr", "ours")]["noise_sd"]
+    assert "corr: ct_texture, white: ours" in (out / "real_noise.md").read_text()

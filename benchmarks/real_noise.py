@@ -15,7 +15,8 @@ anatomy nearly matches:
   truth plus a constant (noise-to-noise); a filter that erases anatomy pays for it here.
 
 Methods: the noisy input, ours and the MSE twin (blind), the shipped CT scanner-noise model
-(``ct_texture``, when it sits beside ``--model``), NL-means, median 5x5, wavelet and BM3D
+(``ct_texture``, when it sits beside ``--model``), ``auto`` (with the shipped default: the model
+``--model auto`` picks for each volume), NL-means, median 5x5, wavelet and BM3D
 (non-commercial licence: benchmark only), the filters with their sigma estimated from the slice, as a
 user would run them.
 
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if not pairs:
         print(f"error: no CT volumes under {args.data} (run scripts/fetch_training_data.py)", file=sys.stderr)
         return 2
+    picks = auto_picks(args.data, nets) if Path(args.model).resolve() == default_model_path().resolve() else {}
     policy = nets["ours"].policy
     rows = []
     last = [n for n, _, _ in pairs if n.split("[")[0] == pairs[-1][0].split("[")[0]]
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             ya, yb = (norm.inverse(baselines.denoise(m, x)) for x in (xa, xb))
             outs[m] = (ya, yb, (time.perf_counter() - t0) / 2)
+        if picks:  # the product's automatic choice: the picked model's own outputs
+            outs["auto"] = outs[picks[name.split("[")[0]]]
         if name == fig_pair:
             fig_outs = {m: v[0] for m, v in outs.items()}
         for m, (ya, yb, sec) in outs.items():
@@ -130,11 +134,24 @@ def main(argv: list[str] | None = None) -> int:
         w.writerows(rows)
     if fig_outs:
         figure(fig_outs, fig_pair, out / "figure.png")
-    md = render(rows, args, pairs)
+    md = render(rows, args, pairs, picks)
     with atomic_path(out / "real_noise.md") as tmp:
         Path(tmp).write_text(md)
     print(md)
     return 0
+
+
+def auto_picks(data: str, nets: dict) -> dict[str, str]:
+    """Per volume, the method that ``--model auto`` runs on it ("ct_texture" or "ours"; {} without the CT model)."""
+    if "ct_texture" not in nets:
+        return {}
+    auto = Denoiser("auto", device="cpu")
+    picks = {}
+    for path in sorted(find_images(Path(data))):
+        img = read_image(path)
+        den, _ = auto.choose(img.array, modality="CT")
+        picks[Path(path).name.split(".")[0]] = "ours" if den is auto else "ct_texture"
+    return picks
 
 
 def figure(outs: dict[str, np.ndarray], title: str, path: Path) -> None:
@@ -158,7 +175,7 @@ def figure(outs: dict[str, np.ndarray], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def render(rows: list[dict], args: argparse.Namespace, pairs: list) -> str:
+def render(rows: list[dict], args: argparse.Namespace, pairs: list, picks: dict | None = None) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     vols = list(dict.fromkeys(r["pair"].split("[")[0] for r in rows))
     lines = [f"# Real scanner noise ({len(pairs)} adjacent-slice pairs from {', '.join(vols)})", "",
@@ -166,7 +183,9 @@ def render(rows: list[dict], args: argparse.Namespace, pairs: list) -> str:
              "denoised neighbours / sqrt 2 in homogeneous soft tissue (HU, lower = more noise removed); n2n RMSE:",
              "RMSE against the noisy neighbour slice in the body (HU; lower = closer to the anatomy). Per volume,",
              "then the share of the input's noise SD left. `figure.png`: one slice, every method.",
-             *([f"Also compared (not shipped): {', '.join(args.extra)}."] if args.extra else []), "",
+             *([f"Also compared (not shipped): {', '.join(args.extra)}."] if args.extra else []),
+             *([f"auto: what `--model auto` runs on each volume ({', '.join(f'{v}: {m}' for v, m in picks.items())})."]
+               if picks else []), "",
              "| method | " + " | ".join(f"{v} noise SD / n2n RMSE" for v in vols) + " | noise left (mean) | s / slice |",
              "| --- | " + " | ".join("---:" for _ in vols) + " | ---: | ---: |"]
     base = {v: np.mean([r["noise_sd"] for r in rows if r["method"] == "noisy" and r["pair"].startswith(v + "[")])
