@@ -342,7 +342,7 @@ def _add_quality(p: argparse.ArgumentParser) -> None:
                         "-0.02 dB; refused where the device has none")
 
 
-# inference.SHIPPED_MODELS, spelled out so that building the parser does not import torch (a test keeps them equal)
+# inference.MODEL_NAMES, spelled out so that building the parser does not import torch (a test keeps them equal)
 MODEL_HELP = ("checkpoint file, or a shipped model by name: default (FP-trained, all noise types), mse_twin (its "
               "MSE-only twin), ct_texture (CT: a scanner's correlated noise), auto (the default, or ct_texture for a "
               "CT whose noise it would remove and the default keeps; the note says which); default: default")
