@@ -471,6 +471,13 @@ def test_training_command_runs_in_background(logic, ct, tmp_path, checkpoint):
     assert slicer.util.arrayFromVolume(res["outputVolumeNode"]).shape == (3, 40, 48)
     with pytest.raises(ValueError):
         logic.trainingCommand(tmp_path, out, stage="everything")
+    # the module passes its model field, which may hold a model's name: the command gets the file
+    from FPDenoiseLib.inference import resolve_model
+
+    for name, want in (("ct_texture", resolve_model("ct_texture")), ("auto", logic.defaultModelPath()),
+                       (None, logic.defaultModelPath())):
+        cmd = logic.trainingCommand(tmp_path, out, initModelPath=name)
+        assert cmd[cmd.index("--init") + 1] == str(want) and Path(want).is_file(), (name, cmd)
 
 
 def test_cancel_kills_the_whole_process_tree(tmp_path):

@@ -604,8 +604,11 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         """Argument list of the background training process (``python -m FPDenoiseLib.cli train ...``).
 
         ``stage`` "both" trains the restoration net then the denoiser; "denoiser" trains only stage 2,
-        starting from ``initModelPath`` (default: the shipped model, whose restoration net is kept).
+        starting from ``initModelPath`` (a checkpoint or a model's name; default and "auto": the shipped default
+        model, whose restoration net is kept).
         """
+        from FPDenoiseLib.inference import resolve_model
+
         from .process import python_executable
 
         if stage not in ("both", "denoiser", "restoration"):
@@ -615,7 +618,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         cmd += ["--noise", *[str(n) for n in noises]]
         cmd += ["--steps", str(int(steps)), "--device", device, "--progress-lines"]
         if stage == "denoiser":
-            cmd += ["--init", str(initModelPath or self.defaultModelPath())]
+            cmd += ["--init", str(resolve_model(initModelPath))]  # the module's model field may hold a name
         if resume:
             cmd += ["--resume"]
         return cmd
