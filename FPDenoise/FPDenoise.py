@@ -86,7 +86,9 @@ class FPDenoiseParameterNode:
     outputSaliency: vtkMRMLScalarVolumeNode
     featureChange: vtkMRMLScalarVolumeNode
     referenceVolume: vtkMRMLScalarVolumeNode
-    modelPath: str = ""  # empty: the shipped default model
+    # "auto": the default model, or the CT scanner-noise model for a CT whose correlated noise the default keeps
+    # (a radiologist's low-dose CT is denoised without a choice to make); "" = the shipped default model
+    modelPath: str = "auto"
     device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"  # auto = CUDA > MPS > CPU
     computeSaliency: bool = True
     strength: Annotated[float, WithinRange(0.0, 2.0)] = 1.0  # 0 = input unchanged, 1 = as trained

@@ -46,8 +46,9 @@ def add_view_parser(subparsers) -> argparse.ArgumentParser:
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", nargs="?", default=None, help="volume file or DICOM series folder to open at start")
-    p.add_argument("--model", default=None,
-                   help="checkpoint (.pt) or a shipped model's name (default, ct_texture, mse_twin); default: default")
+    p.add_argument("--model", default="auto",
+                   help="checkpoint (.pt) or a model's name (default, ct_texture, mse_twin, auto); default: auto (the "
+                   "CT scanner-noise model for a CT whose correlated noise the default model keeps, else the default)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1 = this machine only)")
     p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     p.add_argument(

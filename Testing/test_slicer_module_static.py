@@ -234,3 +234,20 @@ def test_shipped_model_names_agree_everywhere():
     names = {e.get("name") for e in ET.parse(UI).getroot().iter("widget")}
     assert {"defaultModelButton", "ctTextureModelButton", "autoModelButton"} <= names
     assert 'modelPath = "ct_texture"' in SCRIPT.read_text() and 'modelPath = "auto"' in SCRIPT.read_text()
+
+
+def test_the_gui_front_ends_start_with_the_automatic_choice():
+    """The Slicer module's parameter and `fpdenoise view` start with "auto" (a low-dose CT gets the CT model
+    without a choice to make); the command line's denoise keeps the default model unless told."""
+    import argparse
+
+    from FPDenoiseLib.cli import build_parser
+    from FPDenoiseWeb.app import add_view_parser
+
+    tree = ast.parse(SCRIPT.read_text())
+    defaults = {n.target.id: n.value.value for c in ast.walk(tree) if isinstance(c, ast.ClassDef)
+                for n in c.body if isinstance(n, ast.AnnAssign) and isinstance(n.value, ast.Constant)}
+    assert defaults["modelPath"] == "auto"
+    view = add_view_parser(argparse.ArgumentParser().add_subparsers())
+    assert view.parse_args([]).model == "auto"
+    assert build_parser().parse_args(["denoise", "a.nrrd", "b.nrrd"]).model is None
