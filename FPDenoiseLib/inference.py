@@ -103,6 +103,16 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     return Path(key)
 
 
+def shipped_name(path: str | os.PathLike) -> str | None:
+    """The name of :data:`SHIPPED_MODELS` whose file ``path`` is, else None.
+
+    >>> shipped_name(resolve_model("ct_texture"))
+    'ct_texture'
+    """
+    here = Path(path).resolve()
+    return next((k for k, f in SHIPPED_MODELS.items() if (resources_dir() / "Models" / f).resolve() == here), None)
+
+
 def companion_models(model: str | os.PathLike) -> dict[str, Path]:
     """The shipped MSE twin and CT scanner-noise model that sit beside the checkpoint ``model`` (files that
     exist and are not ``model`` itself), by their benchmark names: what the benchmarks compare ours with.
@@ -217,7 +227,9 @@ class Denoiser:
                 for p in m.parameters():
                     p.requires_grad_(False)
         self.policy = {**DEFAULT_POLICY, **self.ckpt.get("normalization", {})}
-        self.name = self.ckpt.get("training", {}).get("name") or self.checkpoint_path.stem
+        # a shipped model goes by the name users pick it by (output descriptions, node attributes, summaries)
+        self.name = shipped_name(self.checkpoint_path) or self.ckpt.get("training", {}).get("name") or (
+            self.checkpoint_path.stem)
         # what a run report names: with "auto", the model per item is in the item (batch.ItemResult.model)
         self.label = f"auto ({self.name}, or the CT scanner-noise model per CT)" if self.auto else self.name
         # the feature the model was trained to preserve; older checkpoints get the current default

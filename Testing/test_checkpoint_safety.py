@@ -376,6 +376,7 @@ def test_shipped_models_resolve_by_name_and_all_exist():
     for name, file in SHIPPED_MODELS.items():
         path = resolve_model(name)
         assert path.name == file and path.is_file(), path
+        assert Denoiser(name, device="cpu").name == name  # what outputs and summaries call it
         ck = load_checkpoint(path)  # with the shared restoration net spliced in
         assert set(ck["models"]) == {"denoiser", "restoration"}
         assert ck["restoration_ref"]["file"] == "fpdenoise_restoration.pt"
