@@ -26,6 +26,9 @@ def test_ct_texture_case_and_model_join_the_table(tmp_path):
     assert {m for c, m in got if c == "ctcorr"} >= {"noisy", "ours", "ours_x2", "mse_twin", "ct_texture", "median"}
     assert got[("ctcorr", "noisy")] < 60.0  # the texture was added
     assert got[("ctcorr", "ct_texture")] > got[("ctcorr", "noisy")] + 3.0
+    # "auto" (the GUIs' starting choice) is the CT model's output on the texture, the default's on clean input
+    assert got[("ctcorr", "auto")] == got[("ctcorr", "ct_texture")] != got[("ctcorr", "ours")]
+    assert got[("clean", "auto")] == got[("clean", "ours")] != got[("clean", "ct_texture")]
     md = (out / "quality.md").read_text()
     assert "| ctcorr |" in md and "| ct_texture |" in md  # its own row in the clean-input table too
     # the same seed draws the same texture
