@@ -151,7 +151,7 @@ class ItemResult:
     outputs: dict = field(default_factory=dict)  # role ("denoised", "saliency_input"...) -> Path
     fp_score: float | None = None
     reason: str = ""
-    model: str = ""  # the model that denoised it, where it is not the run's (``--model auto``)
+    model: str = ""  # the model that denoised it (with ``--model auto``, per item)
 
 
 @dataclass
@@ -248,7 +248,7 @@ def denoise_item(
     outputs["denoised"] = write_image(res.denoised, output, like=image,
                                       description=f"FPDenoise denoised ({den.name})")
     return ItemResult(str(image.source or output), "done", outputs["denoised"], outputs,
-                      None if res.fp_score is None else float(res.fp_score), model="" if den is denoiser else den.name)
+                      None if res.fp_score is None else float(res.fp_score), model=den.name)
 
 
 def output_complete(target: Path) -> bool:

@@ -679,7 +679,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
             load("saliency_output"),
             item.get("fp_score"),
             change=load("feature_change"),
-            modelName=item.get("model") or info.get("model", ""),  # the item's own where "auto" chose one
+            modelName=item.get("model") or info.get("model", ""),  # the item's own ("auto" chooses per item)
             strength=info.get("strength"),
             **nodes,
         )
