@@ -122,7 +122,9 @@ def companion_models(model: str | os.PathLike) -> dict[str, Path]:
     """
     here = Path(model)
     out = {}
-    for name, file in (("mse_twin", MSE_TWIN_NAME), ("ct_texture", CT_TEXTURE_NAME)):
+    for name, file in SHIPPED_MODELS.items():
+        if name == "default":
+            continue
         p = here.with_name(file)
         if p.is_file() and p.resolve() != here.resolve():
             out[name] = p
@@ -204,7 +206,6 @@ class Denoiser:
         self.checkpoint_path = resolve_model(checkpoint)
         # "auto": the default, or the CT scanner-noise model for the CTs it is for (choose)
         self.auto = isinstance(checkpoint, str) and checkpoint.strip() == AUTO_MODEL
-        self._settings = {"device": device, "batch_size": batch_size, "ensemble": ensemble, "precision": precision}
         self.ckpt = load_checkpoint(self.checkpoint_path)
         self.device = pick_device(device)
         if precision == "bf16" and not bf16_supported(self.device):
@@ -366,7 +367,8 @@ class Denoiser:
         installed."""
         if not hasattr(self, "_ct"):
             path = resolve_model("ct_texture")
-            self._ct = Denoiser(path, strength=self.strength, **self._settings) if path.is_file() else None
+            self._ct = Denoiser(path, device=self.device, batch_size=self.batch_size, strength=self.strength,
+                                ensemble=self.ensemble, precision=self.precision) if path.is_file() else None
         return self._ct
 
     def normalizer(self, array: np.ndarray, modality: str | None) -> Normalizer:

@@ -41,15 +41,22 @@ from FPDenoiseLib.intensity import Normalizer
 from FPDenoiseLib.io import atomic_path, find_images, read_image
 
 
-def slice_pairs(data: str, per_volume: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """``per_volume`` evenly spaced adjacent-slice pairs (HU, float32) of every volume under ``data``."""
-    out = []
+def volumes(data: str) -> dict[str, np.ndarray]:
+    """Every volume of two or more slices under ``data`` (HU, float32), by file name without extension."""
+    out = {}
     for path in sorted(find_images(Path(data))):
         vol = np.asarray(read_image(path).array, dtype=np.float32)
-        if vol.ndim != 3 or len(vol) < 2:
-            continue
+        if vol.ndim == 3 and len(vol) >= 2:
+            out[Path(path).name.split(".")[0]] = vol
+    return out
+
+
+def slice_pairs(vols: dict[str, np.ndarray], per_volume: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``per_volume`` evenly spaced adjacent-slice pairs of every volume."""
+    out = []
+    for name, vol in vols.items():
         zs = np.unique(np.linspace(0, len(vol) - 2, per_volume + 2).round().astype(int)[1:-1])
-        out += [(f"{Path(path).name.split('.')[0]}[{int(z)}]", vol[z], vol[z + 1]) for z in zs]
+        out += [(f"{name}[{int(z)}]", vol[z], vol[z + 1]) for z in zs]
     return out
 
 
@@ -90,11 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         nets[name] = Denoiser(ckpt, device="cpu", strength=args.strength)
     classical = ["nlmeans", "median", "wavelet"] + ([] if args.no_bm3d else ["bm3d"])
-    pairs = slice_pairs(args.data, args.per_volume)
+    vols = volumes(args.data)
+    pairs = slice_pairs(vols, args.per_volume)
     if not pairs:
         print(f"error: no CT volumes under {args.data} (run scripts/fetch_training_data.py)", file=sys.stderr)
         return 2
-    picks = auto_picks(args.data, nets) if Path(args.model).resolve() == default_model_path().resolve() else {}
+    picks = auto_picks(vols, nets) if Path(args.model).resolve() == default_model_path().resolve() else {}
     policy = nets["ours"].policy
     rows = []
     last = [n for n, _, _ in pairs if n.split("[")[0] == pairs[-1][0].split("[")[0]]
@@ -141,17 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def auto_picks(data: str, nets: dict) -> dict[str, str]:
+def auto_picks(vols: dict[str, np.ndarray], nets: dict) -> dict[str, str]:
     """Per volume, the method that ``--model auto`` runs on it ("ct_texture" or "ours"; {} without the CT model)."""
     if "ct_texture" not in nets:
         return {}
     auto = Denoiser("auto", device="cpu")
-    picks = {}
-    for path in sorted(find_images(Path(data))):
-        img = read_image(path)
-        den, _ = auto.choose(img.array, modality="CT")
-        picks[Path(path).name.split(".")[0]] = "ours" if den is auto else "ct_texture"
-    return picks
+    return {name: "ours" if auto.choose(vol, modality="CT")[0] is auto else "ct_texture" for name, vol in vols.items()}
 
 
 def figure(outs: dict[str, np.ndarray], title: str, path: Path) -> None:
