@@ -213,6 +213,9 @@ def test_average_models_script_soups_denoisers_and_refuses_mismatches(tmp_path):
 
     torch.manual_seed(0)
     f = UNet(base_channels=4, depth=2)
+    with torch.no_grad():  # as in a run started from a shipped file: f holds float16 values
+        for p in f.parameters():
+            p.copy_(p.half().float())
     nets = [ResUNet(channels=(4, 8), blocks=1) for _ in range(2)]
     paths = []
     for i, d in enumerate(nets):
@@ -234,6 +237,18 @@ def test_average_models_script_soups_denoisers_and_refuses_mismatches(tmp_path):
     res = run(str(tmp_path / "bad.pt"), *paths, "--weights", "1")
     assert res.returncode != 0 and "one weight >= 0 per checkpoint" in res.stderr
     assert not (tmp_path / "bad.pt").exists()
+    # a shipped-style copy (float16, f in the shared file) soups with a float32 run of the same f
+    # (scripts/gpu_chain.sh averages its MSE continuation with the shipped twin)
+    (tmp_path / "ship").mkdir()
+    export = Path(__file__).resolve().parents[1] / "scripts" / "export_model.py"
+    res = subprocess.run([sys.executable, str(export), paths[1], str(tmp_path / "ship" / "m1.pt"), "--shipped"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    res = run(str(tmp_path / "mixed.pt"), paths[0], str(tmp_path / "ship" / "m1.pt"))
+    assert res.returncode == 0, res.stderr
+    mixed = load_checkpoint(tmp_path / "mixed.pt")
+    wm = model_from_checkpoint(mixed, "denoiser").head.weight
+    assert torch.allclose(wm, (nets[0].head.weight + nets[1].head.weight.half().float()) / 2, atol=1e-7)
     # another f: the FP feature would not be one feature any more
     save_checkpoint(tmp_path / "other_f.pt", {"denoiser": nets[0], "restoration": UNet(base_channels=4, depth=2)},
                     normalization=DEFAULT_POLICY)

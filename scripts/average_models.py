@@ -22,6 +22,13 @@ from FPDenoiseLib.checkpoint import (
 from FPDenoiseLib.errors import CheckpointError
 
 
+def _f_hash(ck: dict) -> str:
+    """The restoration net's config and weights as loaded (float32): a shipped file stores f in float16,
+    a training run that started from it holds the same f in float32."""
+    net = model_from_checkpoint(ck, "restoration")
+    return state_hash({"config": net.config, "weights": net.state_dict()})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dst")
@@ -31,9 +38,9 @@ def main() -> None:
     cks = [load_checkpoint(p) for p in args.src]
     models = {"denoiser": average_models(cks, "denoiser", weights=args.weights)}
     if "restoration" in cks[0]["models"]:
-        f = state_hash(cks[0]["models"]["restoration"])  # config and stored weights
+        f = _f_hash(cks[0])
         for p, c in zip(args.src[1:], cks[1:]):  # noqa: B905
-            if "restoration" not in c["models"] or state_hash(c["models"]["restoration"]) != f:
+            if "restoration" not in c["models"] or _f_hash(c) != f:
                 raise CheckpointError(f"{p}: its restoration net differs from {args.src[0]}'s")
         models["restoration"] = model_from_checkpoint(cks[0], "restoration")
     training = {**cks[0].get("training", {}), "soup_of": [

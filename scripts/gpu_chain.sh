@@ -1,31 +1,36 @@
 #!/usr/bin/env bash
-# Prepared device run for the NEXT lent GPU (one card, <= 8 min wall): the shipped recipe, longer.
-#   A. MSE continuation of the shipped twin with the shipped settings (gate 150, impulse pre-stage,
+# Prepared device run for the NEXT lent GPU (one card, <= 8 min wall): the whole recipe of the shipped pair
+# (stages 29-32 of Resources/Models/README.md) in one call, so the session gets a candidate pair to compare:
+#   A. MSE continuation of INIT (the shipped twin) with the shipped settings (gate 150, impulse pre-stage,
 #      global estimator, log residual), batch 64 of 128 px, bf16, noise synthesised by worker processes;
-#   B. the FP fine-tune and its MSE twin from A, side by side, same steps / seed / schedule.
+#   S. soup0 = INIT : A 1:1 (A alone when BASE grows the net), then its Gaussian and Poisson specialists side
+#      by side, merged soup = soup0 : G : P 2:1:1 (stage 30: the low-noise Gaussian / Poisson gain);
+#   B. the FP fine-tune and its MSE twin of the soup on the whole mix, side by side, same steps / seed /
+#      schedule (stage 31: they bring back the magnitude-noise types);
+#   I. each of them interpolated 0.7 : 0.3 with the soup (stage 32), exported as shipped.
 # Step counts are calibrated in the run (rate x budget) so each cosine schedule completes.
 #   python scripts/pack_corpus.py --data data/real/train --data Resources/TrainingData \
 #       --thin pylinac_cbct=2 --out gpu/corpus.slices.npz        # here: the device has no readers
 #   OUT=gpu_out bash scripts/gpu_chain.sh                         # there (carry gpu/)
-# Dry run on the CPU (about 2 min; checks the flags and the chain, not the figures):
-#   PATH=.venv/bin:$PATH OUT=/tmp/dry DEVICE=cpu BUDGET_A=5 BUDGET_B=5 CAL_STEPS=4 BANK=200 BATCH=4 PATCH=64 \
-#       WORKERS=1 bash scripts/gpu_chain.sh
+# Dry run on the CPU (about 4 min; checks the flags and the chain, not the figures):
+#   PATH=.venv/bin:$PATH OUT=/tmp/dry DEVICE=cpu BUDGET_A=5 BUDGET_S=5 BUDGET_B=5 CAL_STEPS=4 BANK=200 BATCH=4 \
+#       PATCH=64 WORKERS=1 bash scripts/gpu_chain.sh
 # BASE (default 24, the shipped width) must be at least the INIT net's; a wider BASE grows it in A
-# (output unchanged, widen_resunet).
-# Results in $OUT: base.pt, fp.pt, twin.pt (float16; they share the restoration net in
-# fpdenoise_restoration.pt, which travels with them) and logs.tgz. Compare on the held-out set
-# (benchmarks/quality.py, fpdenoise benchmark) before shipping; the FP term's lambda stays 0.08 (the
-# shipped value under --residual-norm log; scripts/fp_lambda_probe.py --transfer-lambda).
-# The 2026-11-27 run's models were worse alone than the CPU chain at low noise; what paid was souping its twin
-# with the shipped twin, merging specialists and interpolating the mix fine-tunes (stages 30-32 of
-# Resources/Models/README.md). Do the same with the next run's twin.pt.
+# (output unchanged, widen_resunet). A 2000-step CPU test of the width (Gaussian specialists of the shipped
+# twin, base 24 against 32, 2026-11-28) gave 45.43 against 45.41 dB at 2 %: a wider net needs the GPU's steps.
+# Results in $OUT (float16; they share the restoration net in fpdenoise_restoration.pt, which travels with
+# them): default.pt and mse_twin.pt (the candidate pair, exported as shipped), fp.pt, twin.pt, soup.pt,
+# base.pt and logs.tgz. Compare on the held-out set (benchmarks/quality.py, fpdenoise benchmark) before
+# shipping; the FP term's lambda stays 0.08 (the shipped value under --residual-norm log;
+# scripts/fp_lambda_probe.py --transfer-lambda).
 set -uo pipefail
-OUT=${OUT:-gpu_out}; DEVICE=${DEVICE:-cuda}; BUDGET_A=${BUDGET_A:-200}; BUDGET_B=${BUDGET_B:-150}
-HARD_S=${HARD_S:-450}; CAL_STEPS=${CAL_STEPS:-300}; BANK=${BANK:-40000}; BATCH=${BATCH:-64}; PATCH=${PATCH:-128}
-WORKERS=${WORKERS:-6}; LAM=${LAM:-0.08}; BASE=${BASE:-24}; PACK=${PACK:-gpu/corpus.slices.npz}; INIT=${INIT:-Resources/Models/fpdenoise_mse_twin.pt}
+OUT=${OUT:-gpu_out}; DEVICE=${DEVICE:-cuda}; BUDGET_A=${BUDGET_A:-150}; BUDGET_S=${BUDGET_S:-70}
+BUDGET_B=${BUDGET_B:-120}; HARD_S=${HARD_S:-460}; CAL_STEPS=${CAL_STEPS:-200}; BANK=${BANK:-40000}
+BATCH=${BATCH:-64}; PATCH=${PATCH:-128}; WORKERS=${WORKERS:-6}; LAM=${LAM:-0.08}; BASE=${BASE:-24}
+PACK=${PACK:-gpu/corpus.slices.npz}; INIT=${INIT:-Resources/Models/fpdenoise_mse_twin.pt}; MIX=${MIX:-0.7}
 W=${WORK:-/tmp/fpd_chain}
 source "$(dirname "$0")/gpu_common.sh"
-run() {  # out steps bank lr seed init extra...
+run() {  # out steps bank lr seed init extra... (extra flags come last: a later --noise / --level-max wins)
   local out=$1 steps=$2 bank=$3 lr=$4 seed=$5 init=$6; shift 6
   python3 -m FPDenoiseLib.cli train --data "$PACK" --arch resunet --stage denoiser --init "$init" --device "$DEVICE" \
     --amp bf16 --batch-size "$BATCH" --patch-size "$PATCH" --bank-size "$bank" --lr "$lr" --level-min 0 \
@@ -34,16 +39,37 @@ run() {  # out steps bank lr seed init extra...
     --workers "$WORKERS" --progress-lines \
     --steps "$steps" --noise $NOISE --out "$out" "$@" >"${out%.pt}.log" 2>&1
 }
+avg() {  # on failure: export what there is, stop
+  python3 scripts/average_models.py "$@" >>"$W/env.log" 2>&1 && return
+  echo "average failed: $*" | tee -a "$W/env.log"; export_results base G P soup fp twin; exit 1
+}
+GAUSS=(--loss mse --noise gaussian --level-max 0.5)  # sigma up to the grid's 0.5 level (stage 22)
 
-# calibration: A alone, then B's two runs side by side
+# calibration: A alone, then B's two runs side by side (the specialists run at the MSE side-by-side rate)
 run "$W/calA.pt" "$CAL_STEPS" 4000 3e-4 3 "$INIT" --loss mse
 run "$W/calF.pt" "$CAL_STEPS" 4000 1e-4 6 "$INIT" --loss fp --lam "$LAM" & run "$W/calM.pt" "$CAL_STEPS" 4000 1e-4 6 "$INIT" --loss mse & wait
-SA=$(steps_for "$(rate "$W/calA.log")" "$BUDGET_A"); SB=$(steps_for "$(rate "$W/calF.log")" "$BUDGET_B")
-echo "A: $SA steps, B: $SB steps, t=$(elapsed)s" | tee -a "$W/env.log"
+SA=$(steps_for "$(rate "$W/calA.log")" "$BUDGET_A"); SS=$(steps_for "$(rate "$W/calM.log")" "$BUDGET_S")
+SB=$(steps_for "$(rate "$W/calF.log")" "$BUDGET_B")
+echo "A: $SA steps, specialists: $SS, B: $SB steps, t=$(elapsed)s" | tee -a "$W/env.log"
 
 run "$W/base.pt" "$SA" "$BANK" 3e-4 3 "$INIT" --loss mse
-run "$W/fp.pt" "$SB" "$BANK" 1e-4 6 "$W/base.pt" --loss fp --lam "$LAM" & PF=$!
-run "$W/twin.pt" "$SB" "$BANK" 1e-4 6 "$W/base.pt" --loss mse & PM=$!
+[ -f "$W/base.pt" ] || { echo "A failed"; export_results; exit 1; }
+# soup0: INIT and A 1:1 (stage 30's t50); a grown A has no INIT of its width to average with
+init_base=$(python3 -c "from FPDenoiseLib.checkpoint import load_checkpoint as L; print(L('$INIT')['models']['denoiser']['config']['channels'][0])")
+if [ "$init_base" = "$BASE" ]; then avg "$W/soup0.pt" "$W/base.pt" "$INIT"; else cp "$W/base.pt" "$W/soup0.pt"; fi
+run "$W/G.pt" "$SS" "$BANK" 2e-4 32 "$W/soup0.pt" "${GAUSS[@]}" & PG=$!
+run "$W/P.pt" "$SS" "$BANK" 2e-4 32 "$W/soup0.pt" --loss mse --noise poisson & PP=$!
+wait $PG $PP
+avg "$W/soup.pt" "$W/soup0.pt" "$W/G.pt" "$W/P.pt" --weights 0.5 0.25 0.25
+
+run "$W/fp.pt" "$SB" "$BANK" 1e-4 33 "$W/soup.pt" --loss fp --lam "$LAM" & PF=$!
+run "$W/twin.pt" "$SB" "$BANK" 1e-4 33 "$W/soup.pt" --loss mse & PM=$!
 watch_deadline $PF $PM
-export_results base fp twin
-grep -h "VAL\|steps in" "$W"/base.log "$W"/fp.log "$W"/twin.log | tail -12
+# the pair: each fine-tune interpolated with the soup it started from (weight-space ensembling)
+for n in fp twin; do
+  [ -f "$W/$n.pt" ] && avg "$W/${n}_mix.pt" "$W/$n.pt" "$W/soup.pt" --weights "$MIX" "$(python3 -c "print(1 - $MIX)")"
+done
+[ -f "$W/fp_mix.pt" ] && cp "$W/fp_mix.pt" "$W/default.pt"
+[ -f "$W/twin_mix.pt" ] && cp "$W/twin_mix.pt" "$W/mse_twin.pt"
+export_results default mse_twin fp twin soup base
+grep -h "VAL\|steps in" "$W"/base.log "$W"/G.log "$W"/P.log "$W"/fp.log "$W"/twin.log | tail -15

@@ -1,0 +1,80 @@
+"""The prepared device run ``scripts/gpu_chain.sh``, end to end on the CPU with a tiny net.
+
+It only ever runs on a lent GPU (CI has none, and a session gets 15 minutes of one at most), so a
+broken flag or a failed merge would cost that whole chance: this dry run takes every stage of it
+(calibration, continuation, soup, specialists, merge, the FP / MSE pair, interpolation, export) and
+checks the merges' arithmetic and that the result is within the device's limit of 8 files back.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_resume_kill import make_data
+
+from FPDenoiseLib.checkpoint import load_checkpoint, model_from_checkpoint
+from FPDenoiseLib.inference import Denoiser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return model_from_checkpoint(load_checkpoint(path), "denoiser").state_dict()
+
+
+@pytest.mark.slow
+def test_gpu_chain_dry_run_on_cpu(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    py = [sys.executable]
+    data = make_data(tmp_path / "data")
+    pack = tmp_path / "corpus.slices.npz"
+    subprocess.run(py + [str(ROOT / "scripts" / "pack_corpus.py"), "--data", str(data), "--out", str(pack)],
+                   check=True, env=env, capture_output=True)
+    # INIT as the chain gets it: a shipped-style file (float16, f in the shared file next to it)
+    subprocess.run(py + ["-m", "FPDenoiseLib.cli", "train", "--data", str(pack), "--arch", "resunet", "--stage", "both",
+                         "--base-channels", "4", "--restoration-steps", "2", "--steps", "2", "--patch-size", "32",
+                         "--bank-size", "32", "--estimator-global", "--impulse-filter", "--residual-gate", "150",
+                         "--device", "cpu", "--out", str(tmp_path / "init_run.pt")],
+                   check=True, env=env, capture_output=True)
+    (tmp_path / "ship").mkdir()
+    init = tmp_path / "ship" / "init.pt"
+    subprocess.run(py + [str(ROOT / "scripts" / "export_model.py"), str(tmp_path / "init_run.pt"), str(init), "--shipped"],
+                   check=True, env=env, capture_output=True)
+    out, work = tmp_path / "out", tmp_path / "work"
+    env_chain = {**env, "OUT": str(out), "WORK": str(work), "DEVICE": "cpu", "INIT": str(init), "PACK": str(pack),
+                 "BASE": "4", "BUDGET_A": "1", "BUDGET_S": "1", "BUDGET_B": "1", "CAL_STEPS": "2", "BANK": "32",
+                 "BATCH": "2", "PATCH": "32", "WORKERS": "0", "HARD_S": "3000"}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_chain.sh")], env=env_chain, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    got = sorted(p.name for p in out.iterdir())
+    assert got == sorted(["default.pt", "mse_twin.pt", "fp.pt", "twin.pt", "soup.pt", "base.pt",
+                          "fpdenoise_restoration.pt", "logs.tgz"]), got
+    assert len(got) <= 8  # the device returns at most 8 files
+    # the merges: soup0 = INIT : A 1:1, soup = soup0 : G : P 2:1:1, the pair = fine-tune : soup 0.7 : 0.3
+    w = {n: _weights(work / f"{n}.pt") for n in ("soup0", "base", "G", "P", "soup", "fp", "twin", "fp_mix", "twin_mix")}
+    w["init"] = _weights(init)
+    for k in w["soup"]:
+        if not w["soup"][k].is_floating_point():
+            continue
+        torch.testing.assert_close(w["soup0"][k], 0.5 * w["base"][k] + 0.5 * w["init"][k], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(w["soup"][k], 0.5 * w["soup0"][k] + 0.25 * w["G"][k] + 0.25 * w["P"][k],
+                                   atol=1e-6, rtol=1e-5)
+        for n in ("fp", "twin"):
+            torch.testing.assert_close(w[f"{n}_mix"][k], 0.7 * w[n][k] + 0.3 * w["soup"][k], atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(w["fp"][k], w["twin"][k]) for k in w["fp"])  # the FP term did act
+    # the candidates load as shipped models do (map fit, gate 200) and denoise
+    default = load_checkpoint(out / "default.pt")
+    cfg = default["models"]["denoiser"]["config"]
+    assert cfg["map_fit"] and cfg["residual_gate"] == 200.0 and default["training"]["loss"] == "fp"
+    assert load_checkpoint(out / "mse_twin.pt")["training"]["loss"] == "mse"
+    x = np.random.default_rng(0).random((48, 48)).astype(np.float32)
+    y = Denoiser(out / "default.pt", device="cpu").denoise_normalized(x)
+    assert y.shape == x.shape and np.isfinite(y).all()
