@@ -70,6 +70,13 @@ def test_gpu_chain_dry_run_on_cpu(tmp_path):
         for n in ("fp", "twin"):
             torch.testing.assert_close(w[f"{n}_mix"][k], 0.7 * w[n][k] + 0.3 * w["soup"][k], atol=1e-6, rtol=1e-5)
     assert any(not torch.equal(w["fp"][k], w["twin"][k]) for k in w["fp"])  # the FP term did act
+    # the specialists' noise, and a pair that differs only in the loss
+    tr = {n: load_checkpoint(work / f"{n}.pt")["training"] for n in ("base", "G", "P", "fp", "twin")}
+    assert tr["G"]["noises"] == ["gaussian"] and tr["G"]["level_range"] == [0.0, 0.5]
+    assert tr["P"]["noises"] == ["poisson"] and len(set(tr["base"]["noises"])) == 13
+    assert (tr["fp"]["loss"], tr["twin"]["loss"], tr["fp"]["lam"]) == ("fp", "mse", 0.08)
+    same = ("noises", "seed", "steps", "lr", "init", "level_range", "batch_size", "patch_size", "residual_norm")
+    assert all(tr["fp"][k] == tr["twin"][k] for k in same), {k: (tr["fp"][k], tr["twin"][k]) for k in same}
     # the candidates load as shipped models do (map fit, gate 200) and denoise
     default = load_checkpoint(out / "default.pt")
     cfg = default["models"]["denoiser"]["config"]
