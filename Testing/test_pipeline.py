@@ -369,6 +369,26 @@ def test_slice_pack_round_trips_the_training_corpus(tmp_path):
     assert [(s.source, s.index, s.modality) for s in back] == [(s.source, s.index, s.modality) for s in slices]
     for s, t in zip(slices, back):
         np.testing.assert_allclose(t.array, s.array, atol=2e-3 * max(1.0, float(np.abs(s.array).max())))
+    # lzma members (smaller: the pack and the repository must fit the device's 64 MiB together); deflate
+    # and a pack of np.savez_compressed (the earlier format) read back the same
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(pack) as zf:
+        assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_LZMA}
+    deflate = save_slice_pack(slices, tmp_path / "d.slices.npz", compression="deflate")
+    with zipfile.ZipFile(deflate) as zf:
+        assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_DEFLATED}
+    old = tmp_path / "old.slices.npz"
+    meta = [{"source": s.source, "index": s.index, "modality": s.modality, "patient": s.patient} for s in slices]
+    np.savez_compressed(old, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                        **{f"s{i:05d}": s.array.astype(np.float16) for i, s in enumerate(slices)})
+    for other in (deflate, old):
+        again = load_clean_slices([other])
+        assert [s.source for s in again] == [s.source for s in back]
+        assert all(np.array_equal(a.array, b.array) for a, b in zip(again, back))
+    with pytest.raises(InputError, match="compression"):
+        save_slice_pack(slices, tmp_path / "x.slices.npz", compression="bz2")
     with pytest.raises(InputError, match="slices.npz"):
         save_slice_pack(slices, tmp_path / "corpus.npz")
     (tmp_path / "bad.slices.npz").write_bytes(b"not a zip")
