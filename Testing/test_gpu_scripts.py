@@ -48,6 +48,10 @@ def test_gpu_chain_dry_run_on_cpu(tmp_path):
     subprocess.run(py + [str(ROOT / "scripts" / "export_model.py"), str(tmp_path / "init_run.pt"), str(init), "--shipped"],
                    check=True, env=env, capture_output=True)
     out, work = tmp_path / "out", tmp_path / "work"
+    # a pack that was not carried stops the run before any device minute goes to training
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_chain.sh")], capture_output=True, text=True,
+                       env={**env, "OUT": str(out), "WORK": str(work), "PACK": str(tmp_path / "missing.slices.npz")})
+    assert r.returncode == 2 and "carry gpu/" in r.stderr and not work.exists(), r.stderr
     env_chain = {**env, "OUT": str(out), "WORK": str(work), "DEVICE": "cpu", "INIT": str(init), "PACK": str(pack),
                  "BASE": "4", "BUDGET_A": "1", "BUDGET_S": "1", "BUDGET_B": "1", "CAL_STEPS": "2", "BANK": "32",
                  "BATCH": "2", "PATCH": "32", "WORKERS": "0", "HARD_S": "3000"}

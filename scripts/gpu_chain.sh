@@ -29,9 +29,6 @@ BUDGET_B=${BUDGET_B:-120}; HARD_S=${HARD_S:-460}; CAL_STEPS=${CAL_STEPS:-200}; B
 BATCH=${BATCH:-64}; PATCH=${PATCH:-128}; WORKERS=${WORKERS:-6}; LAM=${LAM:-0.08}; BASE=${BASE:-24}
 PACK=${PACK:-gpu/corpus.slices.npz}; INIT=${INIT:-Resources/Models/fpdenoise_mse_twin.pt}; MIX=${MIX:-0.7}
 W=${WORK:-/tmp/fpd_chain}
-# gpu/ is git-ignored (the pack is made from the fetched data, which stays out of the repository: Resources/TrainingData/README.md),
-# so it travels to the device only when carried
-[ -f "$PACK" ] || { echo "gpu_chain.sh: no slice pack at $PACK (make it with scripts/pack_corpus.py; carry gpu/)" >&2; exit 2; }
 source "$(dirname "$0")/gpu_common.sh"
 run() {  # out steps bank lr seed init extra... (extra flags come last: a later --noise / --level-max wins)
   local out=$1 steps=$2 bank=$3 lr=$4 seed=$5 init=$6; shift 6

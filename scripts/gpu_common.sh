@@ -2,6 +2,11 @@
 # setting OUT, W (work folder) and the budget variables. The corpus travels as a slice pack
 # (scripts/pack_corpus.py): the device has no image readers.
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+# gpu/ is git-ignored (the pack is made from the fetched data, which stays out of the repository:
+# Resources/TrainingData/README.md), so it reaches the device only when carried; check it can be read here
+# (LZMA members need Python's lzma) before any device minute goes to training
+python3 -c "import sys, numpy as np; np.load(sys.argv[1])['meta']" "$PACK" 2>/dev/null \
+  || { echo "cannot read the slice pack $PACK here (make it with scripts/pack_corpus.py; carry gpu/)" >&2; exit 2; }
 mkdir -p "$OUT" "$W"; T0=$(date +%s)
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # the shipped mix since stage 15 (Gaussian 6x, Poisson 4x). The 2026-11-27 H100 run still had the 3x / 3x mix of
