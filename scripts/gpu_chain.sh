@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepared device run for the NEXT lent GPU (one card): the whole recipe of the shipped pair (stages 29-32 of
 # Resources/Models/README.md) in one call, so the session gets a candidate pair to compare. Wall time about
-# 8.5 min on an H100 (140 + 60 + 110 s of training, the rest start-up, calibration, banks, merges and
-# exports): give the device call timeout_s 580; a call cut short still returns base.pt and soup.pt once they exist.
+# 7.5 min on an H100, 8 at most (120 + 55 + 100 s of training, the rest start-up, calibration, banks, merges
+# and exports; the FP / MSE pair is stopped at 450 s): give the device call timeout_s 540; a call cut short
+# still returns base.pt and soup.pt once they exist.
 #   A. MSE continuation of INIT (the shipped twin) with the shipped settings (gate 150, impulse pre-stage,
 #      global estimator, log residual), batch 64 of 128 px, bf16, noise synthesised by worker processes;
 #   S. soup0 = INIT : A 1:1 (A alone when BASE grows the net), then its Gaussian and Poisson specialists side
@@ -26,8 +27,8 @@
 # shipping; the FP term's lambda stays 0.08 (the shipped value under --residual-norm log;
 # scripts/fp_lambda_probe.py --transfer-lambda).
 set -uo pipefail
-OUT=${OUT:-gpu_out}; DEVICE=${DEVICE:-cuda}; BUDGET_A=${BUDGET_A:-140}; BUDGET_S=${BUDGET_S:-60}
-BUDGET_B=${BUDGET_B:-110}; HARD_S=${HARD_S:-500}; CAL_STEPS=${CAL_STEPS:-200}; BANK=${BANK:-40000}
+OUT=${OUT:-gpu_out}; DEVICE=${DEVICE:-cuda}; BUDGET_A=${BUDGET_A:-120}; BUDGET_S=${BUDGET_S:-55}
+BUDGET_B=${BUDGET_B:-100}; HARD_S=${HARD_S:-450}; CAL_STEPS=${CAL_STEPS:-200}; BANK=${BANK:-40000}
 BATCH=${BATCH:-64}; PATCH=${PATCH:-128}; WORKERS=${WORKERS:-6}; LAM=${LAM:-0.08}; BASE=${BASE:-24}
 PACK=${PACK:-gpu/corpus.slices.npz}; INIT=${INIT:-Resources/Models/fpdenoise_mse_twin.pt}; MIX=${MIX:-0.7}
 W=${WORK:-/tmp/fpd_chain}
