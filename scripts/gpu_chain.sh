@@ -15,7 +15,7 @@
 #   python scripts/pack_corpus.py --data data/real/train --data Resources/TrainingData \
 #       --thin pylinac_cbct=2 --out gpu/corpus.slices.npz        # here: the device has no readers
 #   OUT=gpu_out bash scripts/gpu_chain.sh                         # there: run(carry=["gpu"])
-# Dry run on the CPU (about 4 min; checks the flags and the chain, not the figures):
+# Dry run on the CPU (about 2 min; checks the flags and the chain, not the figures; Testing/test_gpu_scripts.py):
 #   PATH=.venv/bin:$PATH OUT=/tmp/dry DEVICE=cpu BUDGET_A=5 BUDGET_S=5 BUDGET_B=5 CAL_STEPS=4 BANK=200 BATCH=4 \
 #       PATCH=64 WORKERS=1 bash scripts/gpu_chain.sh
 # BASE (default 24, the shipped width) must be at least the INIT net's; a wider BASE grows it in A
