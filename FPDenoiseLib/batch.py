@@ -162,6 +162,7 @@ class BatchSummary:
     items: list = field(default_factory=list)  # ItemResult
     model: str = ""
     strength: float | None = None
+    ensemble: int | None = None  # passes over flips and rotations averaged (--ensemble)
 
     def _with(self, status: str) -> list:
         return [r for r in self.items if r.status == status]
@@ -194,6 +195,7 @@ class BatchSummary:
             "input": str(self.input),
             "model": self.model,
             "strength": self.strength,
+            "ensemble": self.ensemble,
             "done": len(self.done),
             "skipped": len(self.skipped),
             "failed": len(self.failed),
@@ -277,7 +279,7 @@ def denoise_batch(
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: batch mode writes one output per series into a folder, but this is a file")
     summary = BatchSummary(Path(input_root) if input_root is not None else out, model=getattr(denoiser, "label", ""),
-                           strength=getattr(denoiser, "strength", None))
+                           strength=getattr(denoiser, "strength", None), ensemble=getattr(denoiser, "ensemble", None))
     n = len(items)
     for i, item in enumerate(items, 1):
         target = out / item.name

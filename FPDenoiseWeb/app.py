@@ -104,6 +104,7 @@ def build_app(session, server=None):
             "opacity": session.opacity,
             "threshold": session.threshold,
             "strength": session.strength,
+            "best_quality": session.ensemble > 1,
             "model_name": session.model or "default",
             "model_names": [{"title": t, "value": v} for v, t in MODEL_CHOICES]
             + ([{"title": Path(session.model).name, "value": session.model}]
@@ -230,6 +231,17 @@ def build_app(session, server=None):
             session.cancel_denoise()
             session.start_denoise()
 
+    @state.change("best_quality")
+    @guarded
+    def _best_quality(best_quality=False, **_):
+        # as a new strength: re-runs the denoise of the open volume
+        if bool(best_quality) == (session.ensemble > 1):
+            return
+        session.set_best_quality(bool(best_quality))
+        if session.input_node is not None and session.result is not None:
+            session.cancel_denoise()
+            session.start_denoise()
+
     @state.change("model_name")
     @guarded
     def _model(model_name=None, **_):
@@ -302,6 +314,8 @@ def build_app(session, server=None):
                                density="compact", hide_details=True, thumb_label=True, disabled=("running",))
                 html.Div("0 = unchanged · 0.5 low · 1 medium (as trained) · 2 high; changing it re-runs Denoise",
                          classes="text-caption")
+                v3.VCheckbox(v_model=("best_quality",), label="Best quality: 8 flipped/rotated passes (~8x slower)",
+                             density="compact", hide_details=True, disabled=("running",), id="best-quality")
                 v3.VProgressLinear(model_value=("progress",), height=8, classes="my-2", id="progress")
                 html.Div("{{ status }}", classes="text-caption", id="status")
                 html.Div("{{ error }}", classes="text-caption text-error", id="error")

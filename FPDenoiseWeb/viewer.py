@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 # the top-level package FPDenoiseSlicerLib (pyproject.toml package-dir), so no sys.path edit is needed.
 import slicer  # noqa: E402
 from FPDenoiseSlicerLib.logic import (  # noqa: E402
+    ENSEMBLE_BEST,
     LEFT_VIEW,
     RIGHT_VIEW,
     FPDenoiseMRMLLogic,
@@ -151,6 +152,7 @@ class ViewerSession:
         self.threshold = BACKGROUND_PERCENTILE  # percentile of each map hidden as background
         self.opacity = 0.5
         self.strength = 1.0
+        self.ensemble = 1  # passes over flips and rotations averaged; ENSEMBLE_BEST = the "Best quality" switch
         self.right_overlay = "feature_change"
         self._job: BackgroundJob | None = None
         self._work: Path | None = None
@@ -275,7 +277,8 @@ class ViewerSession:
         # Scratch folder inside the output folder: nothing is written anywhere else.
         self._work = Path(tempfile.mkdtemp(prefix=".fpdenoise-work-", dir=self.output_dir))
         cmd, _ = self.logic.prepareBackgroundDenoise(
-            self.input_node, self._work, modelPath=self.model, device=self.device, strength=self.strength
+            self.input_node, self._work, modelPath=self.model, device=self.device, strength=self.strength,
+            ensemble=self.ensemble,
         )
         self.status = DenoiseStatus("running", 0.0, "starting")
         self.run_model = self.model or "default"  # the model of the run in progress / the result shown
@@ -411,6 +414,10 @@ class ViewerSession:
     def set_strength(self, strength: float) -> None:
         """Denoising strength for the next run (0 = input unchanged, 1 = as trained, 2 = stronger)."""
         self.strength = float(np.clip(strength, 0.0, 2.0))
+
+    def set_best_quality(self, best: bool) -> None:
+        """For the next run: average the 8 flipped and rotated passes (``--ensemble 8``, about 8x the time)."""
+        self.ensemble = ENSEMBLE_BEST if best else 1
 
     def legend(self) -> dict | None:
         """Colour legend of the overlays: CSS gradient, tick values of each window, feature score text.

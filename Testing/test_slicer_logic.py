@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "FPDenoise"))
 
 import SimpleITK as sitk  # noqa: E402
 from FPDenoiseSlicerLib import process  # noqa: E402
-from FPDenoiseSlicerLib.logic import SALIENCY_COLOR_NODE_NAME, FPDenoiseMRMLLogic  # noqa: E402
+from FPDenoiseSlicerLib.logic import ENSEMBLE_BEST, SALIENCY_COLOR_NODE_NAME, FPDenoiseMRMLLogic  # noqa: E402
 
 from FPDenoiseLib.errors import FPDenoiseError, InputError  # noqa: E402
 
@@ -299,6 +299,37 @@ def test_strength_passes_through_logic_and_cli(logic, ct, checkpoint, tmp_path):
     res = logic.loadBackgroundDenoiseResults(ct, work)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(res["outputVolumeNode"]), slicer.util.arrayFromVolume(ct))
     assert res["outputVolumeNode"].GetAttribute("FPDenoise.Strength") == "0"
+
+
+def test_best_quality_ensemble_passes_through_logic_and_cli(logic, ct, checkpoint, tmp_path):
+    """The panel's "Best" quality: 8 flipped/rotated passes averaged, in-process and in the background CLI,
+    the same voxels as the library's ``Denoiser(ensemble=8)``, recorded on the output node."""
+    from FPDenoiseLib.inference import Denoiser
+
+    plain = logic.denoiseCommand(tmp_path / "in.nrrd", tmp_path / "w")
+    assert plain[plain.index("--ensemble") + 1] == "1"
+    cmd = logic.denoiseCommand(tmp_path / "in.nrrd", tmp_path / "w", ensemble=ENSEMBLE_BEST)
+    assert cmd[cmd.index("--ensemble") + 1] == "8"
+    one = logic.denoise(ct, checkpoint, device="cpu", computeSaliency=False)
+    best = logic.denoise(ct, checkpoint, device="cpu", computeSaliency=False, ensemble=ENSEMBLE_BEST)
+    got = slicer.util.arrayFromVolume(best["outputVolumeNode"])
+    image = logic.imageFromVolume(ct)
+    want = Denoiser(checkpoint, device="cpu", ensemble=8).run(image, saliency=False).denoised.array
+    np.testing.assert_array_equal(got, want.astype(got.dtype))
+    assert not np.array_equal(got, slicer.util.arrayFromVolume(one["outputVolumeNode"]))
+    assert best["outputVolumeNode"].GetAttribute("FPDenoise.Ensemble") == "8"
+    assert one["outputVolumeNode"].GetAttribute("FPDenoise.Ensemble") == "1"
+    with pytest.raises(InputError, match="ensemble"):
+        logic.denoise(ct, checkpoint, device="cpu", ensemble=3)
+    # the background CLI gets --ensemble 8 and records it: the same voxels
+    cmd, work = logic.prepareBackgroundDenoise(
+        ct, tmp_path / "work", modelPath=checkpoint, device="cpu", ensemble=ENSEMBLE_BEST, computeSaliency=False
+    )
+    job = process.BackgroundJob(cmd, env=logic.backgroundEnvironment())
+    assert job.wait(timeout=300) == 0, job.error_summary()
+    res = logic.loadBackgroundDenoiseResults(ct, work)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(res["outputVolumeNode"]), got)
+    assert res["outputVolumeNode"].GetAttribute("FPDenoise.Ensemble") == "8"
 
 
 # ----------------------------------------------------------------------------- simulate + metrics

@@ -151,6 +151,16 @@ def test_overlay_follows_saliency_threshold_in_right_view(session, tmp_path):
         slicer.util.arrayFromVolume(session.result["outputVolumeNode"]), slicer.util.arrayFromVolume(session.input_node)
     )
     assert not slicer.util.arrayFromVolume(session.result["featureChangeNode"]).any()
+    assert session.result["outputVolumeNode"].GetAttribute("FPDenoise.Ensemble") == "1"
+
+    # "Best quality": the background CLI averages the 8 flipped and rotated passes, and the output says so
+    session.set_strength(1.0)
+    session.set_best_quality(True)
+    session.start_denoise()
+    assert session.wait_denoise(timeout=300).state == "done"
+    assert session.result["outputVolumeNode"].GetAttribute("FPDenoise.Ensemble") == "8"
+    session.set_best_quality(False)
+    assert session.ensemble == 1
 
 
 def test_lps_volume_orientation(session, tmp_path):

@@ -49,6 +49,8 @@ ProgressCallback = Callable[[int, int], None]
 
 # Devices the module offers (FPDenoiseLib.device.pick_device: auto = CUDA > MPS > CPU).
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+#: the panel's "Best" quality: the test-time ensemble over all 8 flips and rotations (``--ensemble 8``)
+ENSEMBLE_BEST = 8
 # What the background denoise (the library CLI) writes last into its work folder, and the batch's map folder.
 BACKGROUND_SUMMARY = "summary.json"
 BATCH_SALIENCY_FOLDER = "saliency"
@@ -227,18 +229,22 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         device: str = "auto",
         batchSize: int | None = None,
         strength: float = 1.0,
+        ensemble: int = 1,
     ):
         """A cached :class:`FPDenoiseLib.inference.Denoiser` (loading a checkpoint takes a moment).
 
         ``modelPath``: a checkpoint file or a model's name ("default", "mse_twin", "ct_texture", "auto").
+        ``ensemble``: 1, 2, 4 or 8 passes over flips and rotations, averaged (``--ensemble``).
         """
         from FPDenoiseLib.inference import AUTO_MODEL, Denoiser, resolve_model
 
         path = str(resolve_model(modelPath))
         auto = str(modelPath or "").strip() == AUTO_MODEL
-        key = (path, auto, device, os.path.getmtime(path) if os.path.exists(path) else 0.0)
+        # the ensemble is fixed at construction (auto's CT model is built with it), so it is part of the key
+        key = (path, auto, device, int(ensemble), os.path.getmtime(path) if os.path.exists(path) else 0.0)
         if key not in self._denoisers:
-            self._denoisers = {key: Denoiser(AUTO_MODEL if auto else path, device=device, batch_size=batchSize)}
+            self._denoisers = {key: Denoiser(AUTO_MODEL if auto else path, device=device, batch_size=batchSize,
+                                             ensemble=int(ensemble))}
         denoiser = self._denoisers[key]
         # Strength is applied at run time (map and correction): same loaded networks, validated like the CLI.
         if float(strength) != denoiser.strength:
@@ -353,6 +359,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         featureChangeNode=None,
         batchSize: int | None = None,
         strength: float = 1.0,
+        ensemble: int = 1,
     ) -> dict:
         """Denoise a volume node in this process.
 
@@ -364,13 +371,15 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         of :mod:`FPDenoiseLib.display`. Existing nodes passed as ``outputVolumeNode``/``...Node`` are
         overwritten instead of adding new ones. ``fpScore`` is the feature-preservation score (Pearson
         correlation of the two maps) or None. ``strength``: 0 = input unchanged, 1 = as trained, up to 3.
+        ``ensemble``: passes over flips and rotations averaged (1, 2, 4 or 8; :data:`ENSEMBLE_BEST` is the
+        panel's "Best" quality), recorded as the output's ``FPDenoise.Ensemble``.
         ``modelHint``: a one-line note on the model choice (``Denoiser.choose``): a pointer to the CT
         scanner-noise model when another model leaves a CT's correlated noise in place that it would remove,
         or, with ``modelPath="auto"``, that it was used; else None. ``modelName``: the model that denoised it.
         """
         image = self.imageFromVolume(inputVolumeNode, modality)
         # the same choice and note as the CLI (the background path)
-        denoiser, note = self.getDenoiser(modelPath, device, batchSize, strength=strength).choose(
+        denoiser, note = self.getDenoiser(modelPath, device, batchSize, strength=strength, ensemble=ensemble).choose(
             image.array, modality=image.modality)
         result = denoiser.run(image, saliency=computeSaliency, progress=progress)
 
@@ -390,6 +399,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
             featureChangeNode=featureChangeNode,
             modelName=getattr(denoiser, "name", ""),
             strength=strength,
+            ensemble=denoiser.ensemble,
         )
         nodes["modelHint"] = note
         nodes["modelName"] = denoiser.name
@@ -410,6 +420,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         featureChangeNode=None,
         modelName: str = "",
         strength: float | None = None,
+        ensemble: int | None = None,
     ) -> dict:
         name = inputVolumeNode.GetName()
 
@@ -426,6 +437,8 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         out.SetAttribute("FPDenoise.Model", str(modelName))
         if strength is not None:
             out.SetAttribute("FPDenoise.Strength", f"{float(strength):g}")
+        if ensemble is not None:
+            out.SetAttribute("FPDenoise.Ensemble", str(int(ensemble)))
         modality = inputVolumeNode.GetAttribute("FPDenoise.Modality")
         if modality:
             out.SetAttribute("FPDenoise.Modality", modality)
@@ -632,6 +645,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         device: str = "auto",
         computeSaliency: bool = True,
         strength: float = 1.0,
+        ensemble: int = 1,
         python: str | None = None,
     ) -> list[str]:
         """Argument list of a background whole-volume denoise: the library's own CLI, as SlicerTotalSegmentator
@@ -647,7 +661,8 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         cmd = [python or python_executable(), "-m", "FPDenoiseLib.cli", "denoise", str(inputPath), str(out / "denoised.nrrd")]
         if computeSaliency:
             cmd += ["--saliency-dir", str(out), "--saliency-format", "nrrd"]
-        cmd += ["--summary-json", str(out / BACKGROUND_SUMMARY), "--device", device, "--strength", f"{float(strength):g}"]
+        cmd += ["--summary-json", str(out / BACKGROUND_SUMMARY), "--device", device, "--strength", f"{float(strength):g}",
+                "--ensemble", str(int(ensemble))]
         if modelPath:
             cmd += ["--model", str(modelPath)]
         return cmd + ["--progress-lines"]
@@ -681,6 +696,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
             change=load("feature_change"),
             modelName=item.get("model") or info.get("model", ""),  # the item's own ("auto" chooses per item)
             strength=info.get("strength"),
+            ensemble=info.get("ensemble"),
             **nodes,
         )
 
@@ -695,6 +711,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         computeSaliency: bool = True,
         log_: Callable[[str], None] | None = print,
         strength: float = 1.0,
+        ensemble: int = 1,
     ):
         """Denoise every DICOM series and volume file under ``inputDir`` into ``outputDir`` with the library's
         batch driver (:mod:`FPDenoiseLib.batch`, the same as ``fpdenoise denoise IN_DIR OUT_DIR``): one output
@@ -715,7 +732,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         outputDir.mkdir(parents=True, exist_ok=True)
         quiet = log_ or (lambda text: None)
         return denoise_batch(
-            self.getDenoiser(modelPath, device, strength=strength),
+            self.getDenoiser(modelPath, device, strength=strength, ensemble=ensemble),
             items,
             outputDir,
             input_root=inputDir,
