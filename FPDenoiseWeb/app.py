@@ -314,7 +314,7 @@ def build_app(session, server=None):
                                density="compact", hide_details=True, thumb_label=True, disabled=("running",))
                 html.Div("0 = unchanged · 0.5 low · 1 medium (as trained) · 2 high; changing it re-runs Denoise",
                          classes="text-caption")
-                v3.VCheckbox(v_model=("best_quality",), label="Best quality: 8 flipped/rotated passes (~8x slower)",
+                v3.VCheckbox(v_model=("best_quality",), label="Best quality (8 passes, ~8x slower)",
                              density="compact", hide_details=True, disabled=("running",), id="best-quality")
                 v3.VProgressLinear(model_value=("progress",), height=8, classes="my-2", id="progress")
                 html.Div("{{ status }}", classes="text-caption", id="status")

@@ -141,8 +141,10 @@ def _wait_frame_change(page, index: int, before: np.ndarray, timeout: float = 30
 
 
 def _set_slider(page, selector: str, fraction: float) -> None:
-    """Click the slider track at ``fraction`` of its width (as a user would)."""
+    """Click the slider track at ``fraction`` of its width (as a user would, scrolling the panel to it first:
+    at 800 px the controls panel is taller than the window)."""
     track = page.locator(f"{selector} .v-slider-track")
+    track.scroll_into_view_if_needed()
     box = track.bounding_box()
     page.mouse.click(box["x"] + fraction * box["width"], box["y"] + box["height"] / 2)
 
