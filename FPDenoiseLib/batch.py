@@ -164,6 +164,12 @@ class BatchSummary:
     strength: float | None = None
     ensemble: int | None = None  # passes over flips and rotations averaged (--ensemble)
 
+    @classmethod
+    def of_run(cls, input: str | Path, denoiser, items: list | None = None) -> BatchSummary:
+        """An empty (or ``items``) summary of a run of ``denoiser``: its label, strength and ensemble."""
+        return cls(Path(input), list(items or []), model=getattr(denoiser, "label", ""),
+                   strength=getattr(denoiser, "strength", None), ensemble=getattr(denoiser, "ensemble", None))
+
     def _with(self, status: str) -> list:
         return [r for r in self.items if r.status == status]
 
@@ -278,8 +284,7 @@ def denoise_batch(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: batch mode writes one output per series into a folder, but this is a file")
-    summary = BatchSummary(Path(input_root) if input_root is not None else out, model=getattr(denoiser, "label", ""),
-                           strength=getattr(denoiser, "strength", None), ensemble=getattr(denoiser, "ensemble", None))
+    summary = BatchSummary.of_run(input_root if input_root is not None else out, denoiser)
     n = len(items)
     for i, item in enumerate(items, 1):
         target = out / item.name

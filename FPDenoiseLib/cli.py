@@ -142,7 +142,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
             if role in result.outputs:
                 print(result.outputs[role])
         if args.summary_json:
-            BatchSummary(inp, [result], model=den.label, strength=den.strength, ensemble=den.ensemble).write_json(args.summary_json)
+            BatchSummary.of_run(inp, den, [result]).write_json(args.summary_json)
         return 0
     return _denoise_batch(inp, out, items, args)
 

@@ -22,10 +22,9 @@ from FPDenoiseLib.checkpoint import (
 from FPDenoiseLib.errors import CheckpointError
 
 
-def _f_hash(ck: dict) -> str:
+def _f_hash(net) -> str:
     """The restoration net's config and weights as loaded (float32): a shipped file stores f in float16,
     a training run that started from it holds the same f in float32."""
-    net = model_from_checkpoint(ck, "restoration")
     return state_hash({"config": net.config, "weights": net.state_dict()})
 
 
@@ -38,11 +37,12 @@ def main() -> None:
     cks = [load_checkpoint(p) for p in args.src]
     models = {"denoiser": average_models(cks, "denoiser", weights=args.weights)}
     if "restoration" in cks[0]["models"]:
-        f = _f_hash(cks[0])
+        f = model_from_checkpoint(cks[0], "restoration")
+        ref = _f_hash(f)
         for p, c in zip(args.src[1:], cks[1:]):  # noqa: B905
-            if "restoration" not in c["models"] or _f_hash(c) != f:
+            if "restoration" not in c["models"] or _f_hash(model_from_checkpoint(c, "restoration")) != ref:
                 raise CheckpointError(f"{p}: its restoration net differs from {args.src[0]}'s")
-        models["restoration"] = model_from_checkpoint(cks[0], "restoration")
+        models["restoration"] = f
     training = {**cks[0].get("training", {}), "soup_of": [
         {"path": p, "sha256": c["sha256"], "weight": w}
         for p, c, w in zip(args.src, cks, args.weights or [1.0] * len(cks))  # noqa: B905
