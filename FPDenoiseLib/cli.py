@@ -216,6 +216,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         true_map_prob=args.true_map_prob,
         amp=args.amp,
         ema=args.ema,
+        attention=list(args.attention or []),
+        trainable=args.trainable,
         workers=args.workers,
         residual_gate=args.residual_gate,
         impulse_filter=args.impulse_filter,
@@ -457,6 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoiser: unet (paper), drunet, resunet (fast noise-aware, the shipped default)")
     p.add_argument("--amp", default="off", choices=["off", "bf16"],
                    help="bf16 autocast (GPU: ~2x faster; CPU: 1.4x faster where bf16 is native, AVX512-BF16/AMX)")
+    p.add_argument("--attention", type=int, nargs="+", metavar="LEVEL",
+                   help="resunet: self-attention at these levels (0 = the top; the bottom level attends globally, "
+                        "the others over 8x8 tiles); grown from an --init without it with its output unchanged")
+    p.add_argument("--trainable", default="all", choices=["all", "attention"],
+                   help="attention: train only the attention layers of a grown --init (every other weight kept)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="keep an exponential moving average of the weights with this decay per step "
                         "(e.g. 0.999) and validate and ship it; 0 = off")

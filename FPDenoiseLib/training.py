@@ -38,7 +38,15 @@ from .device import pick_device
 from .errors import CheckpointError, InputError
 from .intensity import DEFAULT_POLICY
 from .losses import MAP_LOSSES, RESIDUAL_NORMS, FPLoss, map_error
-from .models import WEIGHTLESS_KEYS, ResUNet, build_model, local_noise_map, weight_config, widen_resunet
+from .models import (
+    WEIGHTLESS_KEYS,
+    ResUNet,
+    WindowAttention,
+    build_model,
+    local_noise_map,
+    weight_config,
+    widen_resunet,
+)
 from .xai import DEFAULT_READOUT, guided_backprop
 
 STAGES = ("restoration", "denoiser", "both", "estimator")
@@ -101,6 +109,10 @@ class TrainConfig:
     # Exponential moving average of the weights (decay per step; 0 = off): the run validates and
     # ships the average, which smooths the last steps' noise out of the weights.
     ema: float = 0.0
+    # resunet: levels with self-attention (models.WindowAttention; the bottom level attends globally).
+    # Grown from an --init without it, zero-initialised: training starts from the init's output.
+    attention: list[int] = field(default_factory=list)
+    trainable: str = "all"  # "attention": only the attention layers learn, every other weight stays the init's
 
     def model_config(self, role: str) -> dict:
         if self.arch == "resunet" and role == "denoiser":
@@ -108,7 +120,8 @@ class TrainConfig:
             return {"arch": "resunet", "channels": [b, 2 * b, 4 * b, 8 * b], "blocks": 2, "unshuffle": 2,
                     "estimator_channels": 24, "estimator_depth": 5, "residual_gate": self.residual_gate,
                     "impulse_filter": self.impulse_filter, "estimator_global": self.estimator_global,
-                    **({"map_fit": True} if self.map_fit else {})}
+                    **({"map_fit": True} if self.map_fit else {}),
+                    **({"attention": sorted(set(self.attention))} if self.attention else {})}
         if self.arch == "drunet" and role == "denoiser":
             return {"arch": "drunet", "base_channels": self.base_channels, "blocks": 2, "noise_level_map": False, "residual": True}
         return {
@@ -125,6 +138,13 @@ class TrainConfig:
 def _same_weights(a: dict, b: dict) -> bool:
     # a checkpoint trained with other weightless settings still initialises the net
     return weight_config(a) == weight_config(b)
+
+
+def _adds_attention(a: dict, b: dict) -> bool:
+    """``b`` is resunet ``a`` with attention layers added (``a`` has none)."""
+    if a.get("arch") != "resunet" or a.get("attention") or not b.get("attention"):
+        return False
+    return _same_weights(a, {k: v for k, v in b.items() if k != "attention"})
 
 
 def _widens(a: dict, b: dict) -> bool:
@@ -440,6 +460,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         raise InputError(f"--ema must be in [0, 1) (a decay per step such as 0.999), got {cfg.ema}")
     if cfg.amp not in ("off", "bf16"):
         raise InputError(f"unknown --amp {cfg.amp!r}; choose off or bf16")
+    if cfg.attention and cfg.arch != "resunet":
+        raise InputError("--attention needs --arch resunet")
+    if any(not 0 <= a <= 3 for a in cfg.attention):  # the resunet's four levels, 0 = the top
+        raise InputError(f"--attention levels must be in 0..3 (0 = the top, 3 = the bottom), got {cfg.attention}")
+    if cfg.trainable not in ("all", "attention"):
+        raise InputError(f"unknown --trainable {cfg.trainable!r}; choose all or attention")
+    if cfg.trainable == "attention" and not (cfg.attention and cfg.stage == "denoiser"):
+        raise InputError("--trainable attention trains only the attention layers: it needs --attention and --stage denoiser")
     if cfg.loss not in ("fp", "mse"):
         raise InputError(f"unknown loss {cfg.loss!r}; choose fp or mse")
     if cfg.map_loss not in MAP_LOSSES:
@@ -490,7 +518,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
     if d_prior is not None:
         D = model_from_checkpoint(d_prior, "denoiser")
     elif init is not None and "denoiser" in init["models"] and (
-        cfg.stage == "estimator" or _same_weights(init["models"]["denoiser"]["config"], cfg.model_config("denoiser"))
+        cfg.stage == "estimator"
+        or _same_weights(init["models"]["denoiser"]["config"], cfg.model_config("denoiser"))
+        or _adds_attention(init["models"]["denoiser"]["config"], cfg.model_config("denoiser"))
     ):
         # fine-tuning: settings that own no weights (gate, impulse pre-stage) may change; the estimator
         # stage starts a new estimator (maybe of another shape) under the trained denoiser
@@ -507,7 +537,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
                 f"{cfg.base_channels} (channels {init['models']['denoiser']['config'].get('channels')}); pass the "
                 "init's --base-channels"
             ) from None
-        if missing.unexpected_keys or any(not k.startswith("estimator.") for k in missing.missing_keys):
+        # attention layers added to the init start at zero (its output unchanged) and are all it lacks
+        grown = tuple(f"{n}." for n, m in D.named_modules() if isinstance(m, WindowAttention))
+        if missing.unexpected_keys or any(not k.startswith(("estimator.", *grown)) for k in missing.missing_keys):
             raise CheckpointError(f"{cfg.init}: its denoiser does not match --arch {cfg.arch} apart from the estimator")
     elif init is not None and "denoiser" in init["models"] and _widens(init["models"]["denoiser"]["config"], cfg.model_config("denoiser")):
         # a wider --base-channels than the init's: grow it, output unchanged (widen_resunet)
@@ -598,6 +630,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
             parts = {**parts, "map": float(map_loss.detach()), "total": float(loss.detach())}
             return loss, parts
 
+        if cfg.trainable == "attention":  # every other weight (estimator included) stays as initialised
+            for name, p in D.named_parameters():
+                p.requires_grad_(any(name.startswith(f"{n}.") for n, m in D.named_modules()
+                                     if isinstance(m, WindowAttention)))
         models = {"denoiser": D, "restoration": f}
         _run_stage("denoiser", D, cfg, cfg.steps, make_den_batch, step_den, saver(models), state, device,
                    lambda: _validate(D, val_np, val_noise, cfg.seed, device), progress_lines, history)

@@ -526,6 +526,93 @@ def test_widening_a_resunet_keeps_its_output_and_then_trains_the_new_channels(tm
     assert float(drift) < float(b4.head.weight.detach().abs().max())
 
 
+def test_window_attention_tiles_the_map_and_starts_as_the_identity():
+    from FPDenoiseLib.models import WindowAttention
+
+    torch.manual_seed(0)
+    tiled, whole = WindowAttention(48, window=8), WindowAttention(48, window=0)
+    x = torch.randn(2, 48, 16, 24)
+    assert torch.equal(tiled(x), x) and torch.equal(whole(x), x)  # zero output projection: grows exactly
+    for p in tiled.proj.parameters():
+        p.data.normal_(0, 0.1)
+    whole.load_state_dict(tiled.state_dict())
+    # one 8x8 tile is the whole 8x8 map: the tiling reshapes agree with plain global attention
+    with torch.no_grad():
+        assert torch.allclose(tiled(x[..., :8, :8]), whole(x[..., :8, :8]), atol=1e-5)
+        # tiles do not see each other (the norm's image-wide statistics aside: taken out here): a change
+        # in the first tile leaves the others' outputs alone
+        tiled.norm = torch.nn.Identity()
+        y = x.clone()
+        y[..., :8, :8] += 1.0
+        a, b = tiled(x), tiled(y)
+        assert torch.equal(a[..., 8:, :], b[..., 8:, :]) and torch.equal(a[..., :8, 8:], b[..., :8, 8:])
+        assert not torch.equal(a[..., :8, :8], b[..., :8, :8])
+        # a shifted tiling crosses the unshifted tile borders; sizes that are no multiple of the tile work
+        shifted = WindowAttention(48, window=8, shift=4)
+        shifted.load_state_dict(whole.state_dict())
+        shifted.norm = torch.nn.Identity()
+        c = shifted(y) - shifted(x)
+        assert float(c[..., 8:12, :8].abs().max()) > 0
+        assert shifted(torch.randn(1, 48, 13, 21)).shape == (1, 48, 13, 21)
+    with pytest.raises(ValueError, match="shift"):
+        WindowAttention(48, window=8, shift=8)
+
+
+def test_attention_grown_from_a_trained_resunet_and_trained_alone(tmp_path, capsys):
+    """--attention with an --init that has none adds zero-initialised attention layers (the init's output
+    at step 0); --trainable attention trains them alone, every other weight stays bit-identical; guided
+    backpropagation still gives a non-zero, finite map through them."""
+    from FPDenoiseLib.models import ResUNet, build_model, widen_resunet
+    from FPDenoiseLib.xai import guided_backprop
+
+    plain = ResUNet(channels=(4, 8, 8), blocks=1)
+    assert "attention" not in plain.config  # older checkpoints keep their config and hash
+    with pytest.raises(ValueError, match="levels"):
+        ResUNet(channels=(4, 8, 8), attention=[3])
+    with pytest.raises(ValueError, match="before adding attention"):
+        widen_resunet(ResUNet(channels=(4, 8), attention=[0]), (6, 12))
+
+    kw = dict(arch="resunet", loss="mse", restoration_steps=3, val_every=6, ckpt_every=6,
+              noises=["gaussian"], level_range=(0.0, 0.8), base_channels=24)
+    base = train(_cfg(tmp_path, out=str(tmp_path / "b.pt"), steps=4, **kw))
+    b = model_from_checkpoint(load_checkpoint(base), "denoiser").eval()
+    grown = build_model({**b.config, "attention": [2, 3]})
+    missing = grown.load_state_dict(b.state_dict(), strict=False).missing_keys
+    assert missing and all(".qkv." in k or ".proj." in k or ".norm." in k for k in missing)
+    x = torch.rand(2, 1, 48, 40)
+    with torch.no_grad():
+        for p in b.tail.parameters():  # the zero-init tail would make any growth look exact
+            p.data.normal_(0, 0.1)
+        grown.tail.load_state_dict(b.tail.state_dict())
+        assert torch.equal(grown.eval()(x), b(x))
+
+    out = load_checkpoint(train(_cfg(tmp_path, out=str(tmp_path / "a.pt"), init=str(base), steps=6,
+                                     stage="denoiser", attention=[2, 3], trainable="attention", **kw)))
+    D = model_from_checkpoint(out, "denoiser")
+    assert D.config["attention"] == [2, 3]
+    start = model_from_checkpoint(load_checkpoint(base), "denoiser").state_dict()
+    trained = D.state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in start.items())  # every init weight kept
+    assert float(trained["body.2.proj.weight"].abs().sum()) > 0  # the attention layers learned
+    assert float(trained["decoders.0.2.proj.weight"].abs().sum()) > 0
+    g = guided_backprop(D.eval(), torch.rand(1, 1, 64, 64) * 0.5 + 0.2, create_graph=True)
+    g = g.detach()
+    assert bool(torch.isfinite(g).all()) and float(g.abs().sum()) > 0
+
+    for bad, msg in ((dict(arch="unet", attention=[2]), "needs --arch resunet"),
+                     (dict(trainable="attention", attention=[]), "needs --attention"),
+                     (dict(attention=[4]), "must be in 0..3")):
+        with pytest.raises(InputError, match=msg):
+            train(_cfg(tmp_path, out=str(tmp_path / "x.pt"), **{**kw, **bad}))
+    assert not (tmp_path / "x.pt").exists()
+    # the command line's flags reach the run
+    for flags, msg in ((["--attention", "2"], "needs --arch resunet"),
+                       (["--arch", "resunet", "--trainable", "attention"], "needs --attention")):
+        assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "y.pt"), "--device", "cpu",
+                     *flags]) == 2
+        assert msg in capsys.readouterr().err
+
+
 def test_an_init_denoiser_of_another_shape_is_reported_not_silently_dropped(tmp_path, capsys):
     kw = dict(arch="resunet", loss="mse", restoration_steps=3, val_every=4, ckpt_every=4, steps=4,
               noises=["gaussian"], level_range=(0.0, 0.8))

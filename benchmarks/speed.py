@@ -8,7 +8,8 @@ Prints, on one 512x512 slice (the same input for every method):
      machine's measured float32 matmul peak in the same run;
   3. the train-step time with the FP loss vs the MSE-only loss at the same batch size;
   4. before/after figures of the optimisations tried: autograd vs no_grad vs inference_mode,
-     batch size, channels_last, thread count, batching the benchmark's GB maps (GB(clean) once);
+     batch size, channels_last, thread count, batching the benchmark's GB maps (GB(clean) once), the
+     experimental attention layers (``--attention 2 3``);
   5. peak resident memory (VmHWM and ru_maxrss) of a fresh subprocess that denoises a
      512x512xN int16 volume with Denoiser.denoise_array.
 Before/after pairs are timed alternately (A B A B ...) so load changes on a shared machine hit
@@ -257,10 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## 4. Inference optimisations on 512x512 slices, before | after (alternating timings, per slice)")
     xb = torch.from_numpy(np.repeat(noisy[None, None], 8, axis=0)).to(dev)
     d_cl = copy.deepcopy(d).to(memory_format=torch.channels_last)
+    d_attn = None
+    if getattr(d, "config", {}).get("arch") == "resunet" and not d.config.get("attention"):
+        # the same net with --attention 2 3 (zero-initialised: the cost of a trained one)
+        d_attn = build_model({**d.config, "attention": [2, 3]}).eval().to(dev)
+        d_attn.load_state_dict(d.state_dict(), strict=False)
+        d_attn = d_attn.to(memory_format=torch.channels_last)
 
-    def fwd_fn(ctx: str, batch: int, cl: bool = False) -> Callable[[], None]:
+    def fwd_fn(ctx: str, batch: int, cl: bool = False, attn: bool = False) -> Callable[[], None]:
         xi = xb[:batch].contiguous(memory_format=torch.channels_last) if cl else xb[:batch]
-        net = d_cl if cl else d
+        net = d_attn if attn else (d_cl if cl else d)
 
         def run() -> None:
             if ctx == "grad":
@@ -291,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     compare("batch 1 -> batch 4 (inference_mode)", ("inference", 1), ("inference", 4))
     compare("batch 4 -> batch 8 (inference_mode)", ("inference", 4), ("inference", 8))
     compare("contiguous -> channels_last (batch 4)", ("inference", 4), ("inference", 4, True))
+    if d_attn is not None:
+        compare("resunet -> + attention 2 3 (batch 1, ch.-last)", ("inference", 1, True), ("inference", 1, True, True))
     if bf16_supported(dev):
         compare("float32 -> bf16 autocast (batch 1, ch.-last)", ("inference", 1, True), ("bf16", 1, True))
     else:
