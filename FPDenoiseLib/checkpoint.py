@@ -257,7 +257,10 @@ def average_models(
     keeps most of the gains of each at no inference cost. Settings that own no weights (gate,
     map fit: ``WEIGHTLESS_KEYS``) may differ and are the first's. ``weights`` (default uniform) are
     normalised to sum 1; ``[0.5, 0.25, 0.25]`` of a base and two specialists is the base plus
-    a quarter of each specialist's weight change. Nets of different shapes cannot be averaged.
+    a quarter of each specialist's weight change. Nets of different shapes cannot be averaged, with
+    one exception: a resunet without attention layers averages with nets that have them as what it
+    is, the same net with attention layers whose output projection is zero (their q, k, v are the
+    first attention net's).
 
     >>> from FPDenoiseLib.models import ResUNet
     >>> a, b = ResUNet(channels=(4, 8), blocks=1), ResUNet(channels=(4, 8), blocks=1)
@@ -269,12 +272,29 @@ def average_models(
     if not ckpts:
         raise CheckpointError("average_models: no checkpoints given")
     configs = [c["models"][name]["config"] for c in ckpts]
-    if any(weight_config(cfg) != weight_config(configs[0]) for cfg in configs[1:]):
+
+    def shape(cfg: dict) -> dict:
+        return {k: v for k, v in weight_config(cfg).items() if k != "attention"}
+
+    levels = {tuple(cfg.get("attention", ())) for cfg in configs} - {()}
+    if len(levels) > 1 or any(shape(cfg) != shape(configs[0]) for cfg in configs[1:]):
         raise CheckpointError(f"average_models: the {name} nets differ in architecture: {configs}")
     w = [1.0] * len(ckpts) if weights is None else [float(x) for x in weights]
     if len(w) != len(ckpts) or any(x < 0 or x != x for x in w) or sum(w) <= 0:
         raise CheckpointError(f"average_models: need one weight >= 0 per checkpoint with a positive sum, got {weights}")
     nets = [model_from_checkpoint(c, name) for c in ckpts]
+    donor = next((n for n in nets if n.config.get("attention")), None)
+    for i, n in enumerate(nets):
+        if donor is not None and not n.config.get("attention"):
+            # grown: with a zero output projection any q, k, v give the same function, so it takes the
+            # first attention net's (the average then keeps them, rather than mixing in a random init)
+            grown = build_model({**n.config, "attention": donor.config["attention"]})
+            state = n.state_dict()
+            for k, v in donor.state_dict().items():
+                if k not in state:
+                    state[k] = torch.zeros_like(v) if ".proj." in k else v.detach().clone()
+            grown.load_state_dict(state)
+            nets[i] = grown
     states = [n.state_dict() for n in nets]
     net = nets[0]  # the mean is computed into new tensors before it is loaded into the first net
     net.load_state_dict({k: sum(wi * s[k].float() for wi, s in zip(w, states)) / sum(w) for k in states[0]})  # noqa: B905

@@ -397,3 +397,29 @@ def test_shipped_models_resolve_by_name_and_all_exist():
         assert ck["restoration_ref"]["file"] == "fpdenoise_restoration.pt"
     with pytest.raises(CheckpointError, match="not found"):
         Denoiser("no_such_model", device="cpu")
+
+
+def test_average_models_grows_a_net_without_attention_to_soup_with_one_that_has_it():
+    """The shipped twin (no attention) soups with its --attention fine-tune: as the same net with zero layers."""
+    from FPDenoiseLib.checkpoint import average_models, make_checkpoint
+    from FPDenoiseLib.models import ResUNet
+
+    torch.manual_seed(0)
+    plain = ResUNet(channels=(24, 48), blocks=1, residual_gate=200.0)
+    att = ResUNet(channels=(24, 48), blocks=1, attention=[0, 1])
+    for p in att.parameters():
+        p.data.normal_(0, 0.1)
+    soup = average_models([make_checkpoint({"denoiser": m}, normalization={}) for m in (plain, att)], weights=[3, 1])
+    assert soup.config["attention"] == [0, 1] and soup.config["residual_gate"] == 200.0  # the first's settings
+    s, a = soup.state_dict(), att.state_dict()
+    assert torch.allclose(s["head.weight"], 0.75 * plain.head.weight + 0.25 * a["head.weight"])
+    assert torch.allclose(s["body.1.proj.weight"], 0.25 * a["body.1.proj.weight"])  # zero in the grown plain net
+    # the grown net takes the attention net's q, k, v (any give its function): the soup keeps them
+    assert torch.equal(s["encoders.0.1.qkv.weight"], a["encoders.0.1.qkv.weight"])
+    x = torch.rand(1, 1, 32, 32)
+    half = average_models([make_checkpoint({"denoiser": m}, normalization={}) for m in (plain, plain)])
+    with torch.no_grad():  # a plain net soups with itself as before
+        assert torch.allclose(half.eval()(x), plain.eval()(x), atol=1e-6)
+    other = ResUNet(channels=(24, 48), blocks=1, attention=[1])
+    with pytest.raises(CheckpointError, match="differ in architecture"):
+        average_models([make_checkpoint({"denoiser": m}, normalization={}) for m in (att, other)])

@@ -28,8 +28,8 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return model_from_checkpoint(load_checkpoint(path), "denoiser").state_dict()
 
 
-@pytest.mark.slow
-def test_gpu_chain_dry_run_on_cpu(tmp_path):
+def _dry_run(tmp_path: Path, **extra: str) -> tuple[Path, Path, Path, dict]:
+    """The chain on the CPU with a tiny net from a shipped-style INIT; returns (out, work, init, env)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     py = [sys.executable]
@@ -54,10 +54,16 @@ def test_gpu_chain_dry_run_on_cpu(tmp_path):
     assert r.returncode == 2 and "carry gpu/" in r.stderr and not work.exists(), r.stderr
     env_chain = {**env, "OUT": str(out), "WORK": str(work), "DEVICE": "cpu", "INIT": str(init), "PACK": str(pack),
                  "BASE": "4", "BUDGET_A": "1", "BUDGET_S": "1", "BUDGET_B": "1", "CAL_STEPS": "2", "BANK": "32",
-                 "BATCH": "2", "PATCH": "32", "WORKERS": "0", "HARD_S": "3000"}
+                 "BATCH": "2", "PATCH": "32", "WORKERS": "0", "HARD_S": "3000", **extra}
     r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_chain.sh")], env=env_chain, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return out, work, init, env
+
+
+@pytest.mark.slow
+def test_gpu_chain_dry_run_on_cpu(tmp_path):
+    out, work, init, _ = _dry_run(tmp_path)
     got = sorted(p.name for p in out.iterdir())
     assert got == sorted(["default.pt", "mse_twin.pt", "fp.pt", "twin.pt", "soup.pt", "base.pt",
                           "fpdenoise_restoration.pt", "logs.tgz"]), got
@@ -89,3 +95,23 @@ def test_gpu_chain_dry_run_on_cpu(tmp_path):
     x = np.random.default_rng(0).random((48, 48)).astype(np.float32)
     y = Denoiser(out / "default.pt", device="cpu").denoise_normalized(x)
     assert y.shape == x.shape and np.isfinite(y).all()
+
+
+@pytest.mark.slow
+def test_gpu_chain_with_attention(tmp_path):
+    """ATTN="2 3": every run grows the attention layers; soup0 averages INIT as the same net with zero output
+    projections (and base's q, k, v), and the candidates carry the layers."""
+    out, work, init, _ = _dry_run(tmp_path, ATTN="2 3", MIX="0.8")
+    for n in ("base", "soup0", "soup", "fp", "twin", "fp_mix"):
+        assert load_checkpoint(work / f"{n}.pt")["models"]["denoiser"]["config"]["attention"] == [2, 3], n
+    assert load_checkpoint(out / "default.pt")["models"]["denoiser"]["config"]["attention"] == [2, 3]
+    base, soup0, ini = _weights(work / "base.pt"), _weights(work / "soup0.pt"), _weights(init)
+    for k, v in soup0.items():
+        if not v.is_floating_point():
+            continue
+        want = (0.5 * base[k] + 0.5 * ini[k] if k in ini else 0.5 * base[k] if ".proj." in k else base[k])
+        torch.testing.assert_close(v, want, atol=1e-6, rtol=1e-5)
+    fp, fp_mix, soup = _weights(work / "fp.pt"), _weights(work / "fp_mix.pt"), _weights(work / "soup.pt")
+    for k in fp:
+        if fp[k].is_floating_point():
+            torch.testing.assert_close(fp_mix[k], 0.8 * fp[k] + 0.2 * soup[k], atol=1e-6, rtol=1e-5)

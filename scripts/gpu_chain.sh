@@ -21,6 +21,9 @@
 # BASE (default 24, the shipped width) must be at least the INIT net's; a wider BASE grows it in A
 # (output unchanged, widen_resunet). A 2000-step CPU test of the width (Gaussian specialists of the shipped
 # twin, base 24 against 32, 2026-11-28) gave 45.43 against 45.41 dB at 2 %: a wider net needs the GPU's steps.
+# ATTN="2 3" adds the self-attention layers to every run (grown from INIT with its output unchanged; soup0
+# averages INIT as the same net with zero layers). On the CPU (2026-11-28, third) this chain with them and
+# MIX=0.8 gave a pair above the shipped one on clean / 2 % / 5 % / Poisson; on the device: ATTN="2 3" MIX=0.8.
 # Results in $OUT (float16; they share the restoration net in fpdenoise_restoration.pt, which travels with
 # them): default.pt and mse_twin.pt (the candidate pair, exported as shipped), fp.pt, twin.pt, soup.pt,
 # base.pt and logs.tgz. Compare on the held-out set (benchmarks/quality.py, fpdenoise benchmark) before
@@ -39,7 +42,7 @@ run() {  # out steps bank lr seed init extra... (extra flags come last: a later 
     --amp bf16 --batch-size "$BATCH" --patch-size "$PATCH" --bank-size "$bank" --lr "$lr" --level-min 0 \
     --level-max 0.85 --zero-level-prob 0.1 --true-map-prob 0.2 --val-every 1000 --ckpt-every 1000 --seed "$seed" \
     --residual-gate 150 --impulse-filter --estimator-global --residual-norm log --base-channels "$BASE" \
-    --workers "$WORKERS" --progress-lines \
+    --workers "$WORKERS" --progress-lines ${ATTN:+--attention $ATTN} \
     --steps "$steps" --noise $NOISE --out "$out" "$@" >"${out%.pt}.log" 2>&1
 }
 avg() {  # on failure: export what there is, stop
