@@ -33,7 +33,7 @@ from torch import nn
 
 from . import __version__
 from .errors import CheckpointError
-from .models import build_model, weight_config
+from .models import build_model, grow_attention, weight_config
 
 FORMAT = "fpdenoise-checkpoint/1"
 
@@ -284,17 +284,9 @@ def average_models(
         raise CheckpointError(f"average_models: need one weight >= 0 per checkpoint with a positive sum, got {weights}")
     nets = [model_from_checkpoint(c, name) for c in ckpts]
     donor = next((n for n in nets if n.config.get("attention")), None)
-    for i, n in enumerate(nets):
-        if donor is not None and not n.config.get("attention"):
-            # grown: with a zero output projection any q, k, v give the same function, so it takes the
-            # first attention net's (the average then keeps them, rather than mixing in a random init)
-            grown = build_model({**n.config, "attention": donor.config["attention"]})
-            state = n.state_dict()
-            for k, v in donor.state_dict().items():
-                if k not in state:
-                    state[k] = torch.zeros_like(v) if ".proj." in k else v.detach().clone()
-            grown.load_state_dict(state)
-            nets[i] = grown
+    if donor is not None:  # the nets without them, grown as the same function with the donor's q, k, v
+        nets = [n if n.config.get("attention") else grow_attention(n, donor.config["attention"], like=donor)
+                for n in nets]
     states = [n.state_dict() for n in nets]
     net = nets[0]  # the mean is computed into new tensors before it is loaded into the first net
     net.load_state_dict({k: sum(wi * s[k].float() for wi, s in zip(w, states)) / sum(w) for k in states[0]})  # noqa: B905

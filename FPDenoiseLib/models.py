@@ -664,6 +664,35 @@ def build_model(config: dict) -> nn.Module:
     raise CheckpointError(f"unknown architecture {arch!r} (known: unet, drunet, resunet)")
 
 
+def attention_prefixes(net: nn.Module) -> tuple[str, ...]:
+    """Name prefixes (``"body.2."``) of the :class:`WindowAttention` layers in ``net``."""
+    return tuple(f"{name}." for name, m in net.named_modules() if isinstance(m, WindowAttention))
+
+
+def grow_attention(src: ResUNet, levels: tuple[int, ...] | list[int], *, like: ResUNet | None = None) -> ResUNet:
+    """``src`` with :class:`WindowAttention` layers at ``levels``: the same function (their output
+    projections are zero). With ``like`` (a net with those layers), the new layers' norm, q, k and v are
+    ``like``'s, which any value of them allows: a weight average of the two then keeps them instead of
+    mixing in a fresh random init.
+
+    >>> small = ResUNet(channels=(24, 48), blocks=1)
+    >>> x = torch.rand(1, 1, 32, 32)
+    >>> bool(torch.equal(small(x), grow_attention(small, [1])(x)))
+    True
+    """
+    if src.config.get("attention"):
+        raise ValueError("grow_attention: the net has attention layers already")
+    dst = build_model({**src.config, "attention": list(levels)})
+    dst.load_state_dict(src.state_dict(), strict=False)  # the attention layers are all it lacks
+    if like is not None:
+        donors = dict(like.named_modules())
+        for name, m in dst.named_modules():
+            if isinstance(m, WindowAttention):
+                m.norm.load_state_dict(donors[name].norm.state_dict())
+                m.qkv.load_state_dict(donors[name].qkv.state_dict())
+    return dst.to(next(src.parameters()).device)
+
+
 def widen_resunet(src: ResUNet, channels: tuple[int, ...] | list[int], *, seed: int = 0) -> ResUNet:
     """A wider copy of ``src`` that computes exactly the same function (Net2Net-style growth).
 

@@ -41,7 +41,7 @@ from .losses import MAP_LOSSES, RESIDUAL_NORMS, FPLoss, map_error
 from .models import (
     WEIGHTLESS_KEYS,
     ResUNet,
-    WindowAttention,
+    attention_prefixes,
     build_model,
     local_noise_map,
     weight_config,
@@ -462,8 +462,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         raise InputError(f"unknown --amp {cfg.amp!r}; choose off or bf16")
     if cfg.attention and cfg.arch != "resunet":
         raise InputError("--attention needs --arch resunet")
-    if any(not 0 <= a <= 3 for a in cfg.attention):  # the resunet's four levels, 0 = the top
-        raise InputError(f"--attention levels must be in 0..3 (0 = the top, 3 = the bottom), got {cfg.attention}")
+    levels = len(cfg.model_config("denoiser").get("channels", ())) if cfg.arch == "resunet" else 0
+    if any(not 0 <= a < levels for a in cfg.attention):  # 0 = the top level
+        raise InputError(f"--attention levels must be in 0..{levels - 1} (0 = the top, {levels - 1} = the bottom), "
+                         f"got {cfg.attention}")
     if cfg.trainable not in ("all", "attention"):
         raise InputError(f"unknown --trainable {cfg.trainable!r}; choose all or attention")
     if cfg.trainable == "attention" and not (cfg.attention and cfg.stage == "denoiser"):
@@ -538,8 +540,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
                 "init's --base-channels"
             ) from None
         # attention layers added to the init start at zero (its output unchanged) and are all it lacks
-        grown = tuple(f"{n}." for n, m in D.named_modules() if isinstance(m, WindowAttention))
-        if missing.unexpected_keys or any(not k.startswith(("estimator.", *grown)) for k in missing.missing_keys):
+        if missing.unexpected_keys or any(
+            not k.startswith(("estimator.", *attention_prefixes(D))) for k in missing.missing_keys
+        ):
             raise CheckpointError(f"{cfg.init}: its denoiser does not match --arch {cfg.arch} apart from the estimator")
     elif init is not None and "denoiser" in init["models"] and _widens(init["models"]["denoiser"]["config"], cfg.model_config("denoiser")):
         # a wider --base-channels than the init's: grow it, output unchanged (widen_resunet)
@@ -631,9 +634,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
             return loss, parts
 
         if cfg.trainable == "attention":  # every other weight (estimator included) stays as initialised
+            attn = attention_prefixes(D)
             for name, p in D.named_parameters():
-                p.requires_grad_(any(name.startswith(f"{n}.") for n, m in D.named_modules()
-                                     if isinstance(m, WindowAttention)))
+                p.requires_grad_(name.startswith(attn))
         models = {"denoiser": D, "restoration": f}
         _run_stage("denoiser", D, cfg, cfg.steps, make_den_batch, step_den, saver(models), state, device,
                    lambda: _validate(D, val_np, val_noise, cfg.seed, device), progress_lines, history)

@@ -39,7 +39,7 @@ from FPDenoiseLib.baselines import BASELINES
 from FPDenoiseLib.device import bf16_supported
 from FPDenoiseLib.inference import Denoiser, default_model_path
 from FPDenoiseLib.losses import FPLoss
-from FPDenoiseLib.models import build_model
+from FPDenoiseLib.models import build_model, grow_attention
 from FPDenoiseLib.noise import add_noise
 from FPDenoiseLib.phantoms import synthetic_ct_slice
 from FPDenoiseLib.training import TrainConfig
@@ -261,9 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     d_attn = None
     if getattr(d, "config", {}).get("arch") == "resunet" and not d.config.get("attention"):
         # the same net with --attention 2 3 (zero-initialised: the cost of a trained one)
-        d_attn = build_model({**d.config, "attention": [2, 3]}).eval().to(dev)
-        d_attn.load_state_dict(d.state_dict(), strict=False)
-        d_attn = d_attn.to(memory_format=torch.channels_last)
+        d_attn = grow_attention(d, [2, 3]).eval().to(memory_format=torch.channels_last)
 
     def fwd_fn(ctx: str, batch: int, cl: bool = False, attn: bool = False) -> Callable[[], None]:
         xi = xb[:batch].contiguous(memory_format=torch.channels_last) if cl else xb[:batch]
