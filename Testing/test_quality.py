@@ -253,3 +253,33 @@ def test_a_noisy_ct_through_the_default_points_to_the_ct_model(shipped, ct_textu
     assert shipped.model_hint(real_slice, modality="CT") is None
     assert ct_texture.model_hint(noisy_hu, modality="CT") is None
     assert shipped.model_hint(noisy_hu, modality="MR") is None
+
+
+def test_lambda_rule_script_tells_a_worse_fp_run_from_an_equal_one(tmp_path):
+    """scripts/lambda_rule.py: the same net against itself holds the rule (difference exactly 0), a
+    degraded copy as the FP run fails it (rc 1), and the same copy as the twin holds it."""
+    import subprocess
+    import sys
+
+    from FPDenoiseLib.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    twin = resources_dir() / "Models" / "fpdenoise_mse_twin.pt"
+    ck = load_checkpoint(twin)
+    bad = model_from_checkpoint(ck, "denoiser").float()
+    with torch.no_grad():
+        for p in bad.parameters():
+            p.mul_(0.9)
+    save_checkpoint(tmp_path / "bad.pt", {"denoiser": bad}, normalization=ck["normalization"], training=ck["training"])
+    script = Path(__file__).resolve().parents[1] / "scripts" / "lambda_rule.py"
+    data = str(resources_dir() / "TrainingData")
+
+    def rule(fp, tw):
+        return subprocess.run([sys.executable, str(script), str(fp), str(tw), "--data", data, "--patches", "24",
+                               "--seeds", "1"], capture_output=True, text=True)
+
+    same = rule(twin, twin)
+    assert same.returncode == 0 and "FP - twin +0.000 dB" in same.stdout, same.stdout + same.stderr
+    worse = rule(tmp_path / "bad.pt", twin)
+    assert worse.returncode == 1 and "FAILS" in worse.stdout, worse.stdout + worse.stderr
+    better = rule(twin, tmp_path / "bad.pt")
+    assert better.returncode == 0 and "holds" in better.stdout, better.stdout + better.stderr
