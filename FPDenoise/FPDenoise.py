@@ -89,7 +89,8 @@ class FPDenoiseParameterNode:
     featureChange: vtkMRMLScalarVolumeNode
     referenceVolume: vtkMRMLScalarVolumeNode
     # "auto": the default model, or the CT scanner-noise model for a CT whose correlated noise the default keeps
-    # (a radiologist's low-dose CT is denoised without a choice to make); "" = the shipped default model
+    # (a radiologist's low-dose CT is denoised without a choice to make), or the white-noise CT model for a CT
+    # with white noise of one level; "" = the shipped default model
     modelPath: str = "auto"
     device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"  # auto = CUDA > MPS > CPU
     computeSaliency: bool = True

@@ -346,8 +346,9 @@ def _add_quality(p: argparse.ArgumentParser) -> None:
 
 # inference.MODEL_NAMES, spelled out so that building the parser does not import torch (a test keeps them equal)
 MODEL_HELP = ("checkpoint file, or a shipped model by name: default (FP-trained, all noise types), mse_twin (its "
-              "MSE-only twin), ct_texture (CT: a scanner's correlated noise), auto (the default, or ct_texture for a "
-              "CT whose noise it would remove and the default keeps; the note says which); default: default")
+              "MSE-only twin), ct_texture (CT: a scanner's correlated noise), gaussian_ct (CT: white noise of one level), "
+              "auto (the default, or ct_texture for a CT whose noise it would remove and the default keeps, or "
+              "gaussian_ct for a CT with white noise; the note says which); default: default")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:

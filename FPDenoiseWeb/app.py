@@ -31,8 +31,9 @@ NOISE_CHOICES = (
 MODEL_CHOICES = (
     ("default", "Default (all noise types)"),
     ("ct_texture", "CT scanner noise (CT only)"),
+    ("gaussian_ct", "White noise on CT (CT only)"),
     ("mse_twin", "MSE-only twin (ablation)"),
-    ("auto", "Automatic (the CT model for a CT scanner's noise)"),
+    ("auto", "Automatic (a CT model for a CT scanner's noise or white noise)"),
 )  # the names of FPDenoiseLib.inference.MODEL_NAMES (a test keeps them equal)
 
 
@@ -47,8 +48,9 @@ def add_view_parser(subparsers) -> argparse.ArgumentParser:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", nargs="?", default=None, help="volume file or DICOM series folder to open at start")
     p.add_argument("--model", default="auto",
-                   help="checkpoint (.pt) or a model's name (default, ct_texture, mse_twin, auto); default: auto (the "
-                   "CT scanner-noise model for a CT whose correlated noise the default model keeps, else the default)")
+                   help="checkpoint (.pt) or a model's name (default, ct_texture, gaussian_ct, mse_twin, auto); default: auto "
+                   "(the CT scanner-noise model for a CT whose correlated noise the default model keeps, the "
+                   "white-noise CT model for a CT with white noise, else the default)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1 = this machine only)")
     p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     p.add_argument(

@@ -246,8 +246,11 @@ def test_a_noisy_ct_through_the_default_points_to_the_ct_model(shipped, ct_textu
     auto = Denoiser("auto", device="cpu", strength=0.75)
     den, note = auto.choose(noisy_hu, modality="CT")
     assert den.checkpoint_path.name == "fpdenoise_ct_texture.pt" and den.strength == 0.75 and note.startswith("auto:")
-    for arr, modality in ((white, "CT"), (real_slice, "CT"), (noisy_hu, "MR")):
+    for arr, modality in ((real_slice, "CT"), (noisy_hu, "MR")):
         assert auto.choose(arr, modality=modality) == (auto, None)
+    # white noise of that level: the white-noise CT model (test below), at the same strength
+    den, note = auto.choose(white, modality="CT")
+    assert den.checkpoint_path.name == "fpdenoise_gaussian_ct.pt" and den.strength == 0.75 and note.startswith("auto:")
     assert shipped.choose(noisy_hu, modality="CT") == (shipped, hint)  # other models: the note only
     assert shipped.model_hint(np.stack([real_slice, noisy_hu, real_slice]), modality="CT")  # the middle slice
     assert shipped.model_hint(real_slice, modality="CT") is None
@@ -283,3 +286,37 @@ def test_lambda_rule_script_tells_a_worse_fp_run_from_an_equal_one(tmp_path):
     assert worse.returncode == 1 and "FAILS" in worse.stdout, worse.stdout + worse.stderr
     better = rule(twin, tmp_path / "bad.pt")
     assert better.returncode == 0 and "holds" in better.stdout, better.stdout + better.stderr
+
+
+@pytest.fixture(scope="module")
+def auto() -> Denoiser:
+    return Denoiser("auto", device="cpu")
+
+
+def test_auto_sends_white_noise_ct_to_the_white_noise_model_and_nothing_else(auto, real_slice):
+    """auto: a CT with white Gaussian noise goes through the white-noise CT model, which is better there than the
+    default; signal-dependent (Poisson, speckle), magnitude (Rician, thermal) and structured noise, a clean CT and
+    an MR with the same white noise stay with the default."""
+    from FPDenoiseLib.inference import GAUSSIAN_CT_NAME
+    from FPDenoiseLib.noise import add_noise
+
+    rng = np.random.default_rng(7)
+    span = float(real_slice.max() - real_slice.min())
+    norm = Normalizer.for_array(real_slice, modality="CT")
+    for pct in (2, 5):
+        noisy = (real_slice + rng.normal(0, pct / 100 * span, real_slice.shape)).astype(np.float32)
+        chosen, note = auto.choose(noisy, modality="CT")
+        assert chosen.checkpoint_path.name == GAUSSIAN_CT_NAME and "white-noise CT model" in note, note
+        ours = psnr(real_slice, auto.denoise_array(noisy, modality="CT"), data_range=span)
+        theirs = psnr(real_slice, chosen.denoise_array(noisy, modality="CT"), data_range=span)
+        assert theirs > ours + 0.05, (pct, ours, theirs)
+        assert auto.choose(noisy, modality="MR")[0] is auto
+    for name in ("poisson", "speckle", "rician", "thermal", "structured"):
+        noisy = norm.inverse(add_noise(norm.forward(real_slice), name, level=0.5, seed=3))
+        assert auto.choose(noisy, modality="CT") == (auto, None), name
+    assert auto.choose(real_slice, modality="CT") == (auto, None)
+
+
+def test_white_noise_ct_model_leaves_a_clean_slice_alone(real_slice):
+    out = Denoiser("gaussian_ct", device="cpu").denoise_array(real_slice, modality="CT")
+    assert psnr(real_slice, out, data_range=float(real_slice.max() - real_slice.min())) >= 50.0

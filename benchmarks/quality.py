@@ -11,7 +11,8 @@ Cases (each on the same held-out slices; patients never used for training):
   filtered-back-projection NPS, in the CT window's units), the case the CT scanner-noise model is for.
 
 Methods: the noisy input, ours (single pass and ``--ensemble`` flips/rotations), the MSE-only
-twin and the CT scanner-noise model (``ct_texture``; both when they sit beside ``--model``), ``auto``
+twin, the CT scanner-noise model (``ct_texture``) and the white-noise CT model (``gaussian_ct``; each when it
+sits beside ``--model``), ``auto``
 (with the shipped default: the model ``--model auto`` picks for each noisy slice, the GUIs' starting choice), BM3D (true sigma for Gaussian, estimated otherwise; non-commercial licence: benchmark
 only), NL-means, median 5x5 and wavelet (baselines of ``FPDenoiseLib.baselines``; the filters'
 sigma is estimated from the noisy slice, as a user would run them). PSNR/SSIM in HU with
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from FPDenoiseLib import baselines
-from FPDenoiseLib.inference import Denoiser, companion_models, default_model_path
+from FPDenoiseLib.inference import Denoiser, companion_models, default_model_path, shipped_name
 from FPDenoiseLib.intensity import Normalizer
 from FPDenoiseLib.io import atomic_path, find_images, read_image
 from FPDenoiseLib.metrics import mean_ci95, psnr, ssim
@@ -100,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in beside.items():
         if path.exists():
             nets[name] = Denoiser(path, device="cpu")
-    # the product's automatic choice (the GUIs' starting model): per slice, the default or the CT model
-    auto = (Denoiser("auto", device="cpu")
-            if "ct_texture" in nets and Path(args.model).resolve() == default_model_path().resolve() else None)
+    # the product's automatic choice (the GUIs' starting model): per slice, the default or a CT model
+    auto = (Denoiser("auto", device="cpu") if {"ct_texture", "gaussian_ct"} <= set(nets)
+            and Path(args.model).resolve() == default_model_path().resolve() else None)
     classical = ["nlmeans", "median", "wavelet"] + ([] if args.no_bm3d else ["bm3d"])
     reused: dict[tuple[str, str, str], dict] = {}
     if args.reuse_classical:
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 outs[m] = (norm.inverse(y), time.perf_counter() - t0)
             if auto is not None:
                 t0 = time.perf_counter()
-                picked = "ours" if auto.choose(noisy, modality="CT")[0] is auto else "ct_texture"
+                chosen = auto.choose(noisy, modality="CT")[0]
+                picked = "ours" if chosen is auto else shipped_name(chosen.checkpoint_path)
                 outs["auto"] = (outs[picked][0], outs[picked][1] + time.perf_counter() - t0)
             if case != "clean":
                 sig_n = None if sigma is None else sigma / (norm.hi - norm.lo)

@@ -15,7 +15,8 @@ anatomy nearly matches:
   truth plus a constant (noise-to-noise); a filter that erases anatomy pays for it here.
 
 Methods: the noisy input, ours and the MSE twin (blind), the shipped CT scanner-noise model
-(``ct_texture``, when it sits beside ``--model``), ``auto`` (with the shipped default: the model
+and white-noise CT models (``ct_texture``, ``gaussian_ct``, when they sit beside ``--model``), ``auto`` (with
+the shipped default: the model
 ``--model auto`` picks for each volume), NL-means, median 5x5, wavelet and BM3D
 (non-commercial licence: benchmark only), the filters with their sigma estimated from the slice, as a
 user would run them.
@@ -36,7 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from FPDenoiseLib import baselines
-from FPDenoiseLib.inference import Denoiser, companion_models, default_model_path
+from FPDenoiseLib.inference import Denoiser, companion_models, default_model_path, shipped_name
 from FPDenoiseLib.intensity import Normalizer
 from FPDenoiseLib.io import atomic_path, find_images, read_image
 
@@ -150,11 +151,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def auto_picks(vols: dict[str, np.ndarray], nets: dict) -> dict[str, str]:
-    """Per volume, the method that ``--model auto`` runs on it ("ct_texture" or "ours"; {} without the CT model)."""
-    if "ct_texture" not in nets:
+    """Per volume, the method that ``--model auto`` runs on it ("ours", "ct_texture" or "gaussian_ct"; {} without
+    the CT models)."""
+    if not {"ct_texture", "gaussian_ct"} <= set(nets):
         return {}
     auto = Denoiser("auto", device="cpu")
-    return {name: "ours" if auto.choose(vol, modality="CT")[0] is auto else "ct_texture" for name, vol in vols.items()}
+    picks = {}
+    for name, vol in vols.items():
+        chosen = auto.choose(vol, modality="CT")[0]
+        picks[name] = "ours" if chosen is auto else shipped_name(chosen.checkpoint_path)
+    return picks
 
 
 def figure(outs: dict[str, np.ndarray], title: str, path: Path) -> None:

@@ -213,8 +213,9 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
         roles = {"default": "shipped default model (all noise types)",
                  "mse_twin": "shipped MSE-only twin (ablation)",
                  "ct_texture": "shipped CT scanner-noise model (CT only)",
+                 "gaussian_ct": "shipped white-noise CT model (CT only)",
                  "auto": "automatic: the default model, or the CT scanner-noise model for a CT whose correlated "
-                         "noise the default keeps"}
+                         "noise the default keeps, or the white-noise CT model for a CT with white noise"}
         return roles.get(key, f"shipped model {key}") if key in MODEL_NAMES else key
 
     @staticmethod
