@@ -89,8 +89,8 @@ CT_NOISE_HINT_HU = 15.0
 #: 2.0-32, where the CT model was 3.2-10 dB better; RIDER Lung CT's own noise 9-17 (CT model 47-83 HU, the
 #: default 4-6 HU). Clean slices: the CT model's correction at most 1.3 HU.
 CT_NOISE_HINT_RATIO = 1.5
-#: ``Denoiser("auto")`` hands a CT to the white-noise CT model where the default's noise map inside the body
-#: is at least this (HU, the median over the brighter half of the slice) ...
+#: ``Denoiser("auto")`` hands a CT to the white-noise CT model where the default's noise estimate is at least
+#: this (HU, the median over the pixels between the slice's 50th and 90th intensity percentiles) ...
 WHITE_NOISE_MIN_HU = 10.0
 #: ... the same in the darkest 30 % of the slice within these factors (white noise does not follow the
 #: signal: Poisson, speckle and chemical shift read 0.0-0.4, Gaussian 0.91-1.04; magnitude noise up to 1.8) ...
@@ -99,6 +99,11 @@ WHITE_NOISE_FLATNESS = (0.8, 1.25)
 #: on the held-out lung2 slices, 13 types x 3 levels: Gaussian 0.035-0.052; structured, thermal and Rician
 #: noise, which read flat, 0.42-0.98, with the white-noise model 6.7-12.9 dB worse there; ct_correlated 0.84-0.99.
 WHITE_NOISE_AGREEMENT = 0.15
+
+
+def _middle_slice(a: np.ndarray) -> np.ndarray:
+    """A 2D image itself, or a volume's middle slice, as float32 (what the model choice looks at)."""
+    return np.asarray(a if a.ndim == 2 else a[a.shape[0] // 2], dtype=np.float32)
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
@@ -367,7 +372,7 @@ class Denoiser:
         ):
             return None
         ct = self._companion("ct_texture")
-        s = np.asarray(a if a.ndim == 2 else a[a.shape[0] // 2], dtype=np.float32)
+        s = _middle_slice(a)
         body = s > -500
         if ct is None or body.sum() < 256:
             return None
@@ -397,7 +402,7 @@ class Denoiser:
         g = self._companion("gaussian_ct")
         if g is None:
             return None
-        s = np.asarray(a if a.ndim == 2 else a[a.shape[0] // 2], dtype=np.float32)
+        s = _middle_slice(a)
         norm = self.normalizer(s, "CT")
         with torch.inference_mode():
             t = self._tensor(norm.forward(s)[None])
