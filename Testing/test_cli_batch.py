@@ -221,13 +221,20 @@ def test_shipped_model_by_name_on_the_command_line(tmp_path, capsys):
 
 def test_cli_model_auto_takes_the_ct_model_only_for_a_ct_scanner_noise(tmp_path, capsys):
     """`--model auto` over a folder: the CT with a scanner's correlated noise goes through the CT model (its
-    output is that model's, the log and the summary say so), the CT with white noise through the default."""
+    output is that model's, the log and the summary say so), a real CT slice with white Gaussian noise
+    everywhere through the white-noise CT model, the phantom with white noise in the body only (air noise-free:
+    not white over the slice) through the default."""
     import json
 
+    from FPDenoiseLib.inference import resources_dir
     from FPDenoiseLib.io import Image, write_image
 
     (tmp_path / "in").mkdir()
-    vols = {"corr": noisy_ct_phantom(96, seed=5), "white": noisy_ct_phantom(96, correlated=False, seed=5)}
+    real = np.asarray(read_image(resources_dir() / "TestData" / "real_ct_lung1_slice.nrrd").array,
+                      dtype=np.float32).squeeze()
+    gauss = real + np.random.default_rng(5).normal(0.0, 0.02 * float(real.max() - real.min()), real.shape)
+    vols = {"corr": noisy_ct_phantom(96, seed=5), "white": noisy_ct_phantom(96, correlated=False, seed=5),
+            "gauss": gauss}
     for name, arr in vols.items():
         write_image(Image(np.rint(arr[None]).astype(np.int16), (0.7, 0.7, 2.0), (0, 0, 0), modality="CT"),
                     tmp_path / "in" / f"{name}.nrrd")
@@ -235,14 +242,15 @@ def test_cli_model_auto_takes_the_ct_model_only_for_a_ct_scanner_noise(tmp_path,
                       "--summary-json", tmp_path / "s.json")
     assert rc == 0, err
     assert "corr.nrrd: note: auto: the CT scanner-noise model" in err and "white.nrrd: note" not in err, err
-    for name, model in (("corr", "ct_texture"), ("white", "default")):
+    assert "gauss.nrrd: note: auto: the white-noise CT model" in err, err
+    for name, model in (("corr", "ct_texture"), ("white", "default"), ("gauss", "gaussian_ct")):
         src = read_image(tmp_path / "in" / f"{name}.nrrd")
         want = Denoiser(model, device="cpu").denoise_array(src.array, modality="CT")
         np.testing.assert_array_equal(read_image(tmp_path / "out" / f"{name}.nrrd").array, want)
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["model"].startswith("auto (")
     used = {Path(it["output"]).name: it.get("model") for it in summary["items"]}
-    assert used == {"corr.nrrd": "ct_texture", "white.nrrd": "default"}, used
+    assert used == {"corr.nrrd": "ct_texture", "white.nrrd": "default", "gauss.nrrd": "gaussian_ct"}, used
     rc, _, err = _run(capsys, "benchmark", "--data", tmp_path / "in", "--out", tmp_path / "b", "--model", "auto")
     assert rc == 2 and "--model auto picks a model per CT volume" in err and not (tmp_path / "b" / "results.csv").exists()
 

@@ -740,12 +740,20 @@ def test_denoise_result_carries_the_ct_model_hint(logic):
 
 def test_automatic_model_choice_on_a_real_scene(logic):
     """modelPath "auto": a CT with a scanner's correlated noise is denoised by the CT model (same voxels as
-    choosing it, the note and the output node name it), a CT with white noise by the default, with no note."""
+    choosing it, the note and the output node name it), a real CT slice with white Gaussian noise by the
+    white-noise CT model, the phantom with white noise in the body only by the default, with no note."""
     from io_helpers import noisy_ct_phantom
 
+    from FPDenoiseLib.inference import resources_dir
+    from FPDenoiseLib.io import read_image
+
+    real = np.asarray(read_image(resources_dir() / "TestData" / "real_ct_lung1_slice.nrrd").array,
+                      dtype=np.float32).squeeze()
+    gauss = real + np.random.default_rng(1).normal(0.0, 0.02 * float(real.max() - real.min()), real.shape)
     assert "automatic" in logic.modelDescription("auto")
     for name, hu, model in (("corr", noisy_ct_phantom(64, seed=1), "ct_texture"),
-                            ("white", noisy_ct_phantom(64, correlated=False, seed=1), "default")):
+                            ("white", noisy_ct_phantom(64, correlated=False, seed=1), "default"),
+                            ("gauss", gauss, "gaussian_ct")):
         node = slicer.util.addVolumeFromArray(np.rint(np.stack([hu] * 3)).astype(np.int16), name=name)
         res = logic.denoise(node, "auto", device="cpu", computeSaliency=False, modality="CT")
         want = logic.denoise(node, model, device="cpu", computeSaliency=False, modality="CT")
@@ -755,5 +763,7 @@ def test_automatic_model_choice_on_a_real_scene(logic):
         assert res["outputVolumeNode"].GetAttribute("FPDenoise.Model") == want["modelName"]
         if model == "ct_texture":
             assert res["modelHint"].startswith("auto: the CT scanner-noise model"), res["modelHint"]
+        elif model == "gaussian_ct":
+            assert res["modelHint"].startswith("auto: the white-noise CT model"), res["modelHint"]
         else:
             assert res["modelHint"] is None
