@@ -314,6 +314,9 @@ def test_auto_sends_white_noise_ct_to_the_white_noise_model_and_nothing_else(aut
     for name in ("poisson", "speckle", "rician", "thermal", "structured"):
         noisy = norm.inverse(add_noise(norm.forward(real_slice), name, level=0.5, seed=3))
         assert auto.choose(noisy, modality="CT") == (auto, None), name
+    # white noise past the white-noise model's training range (WHITE_NOISE_MAX_HU) stays with the default
+    heavy = (real_slice + rng.normal(0, 0.15 * span, real_slice.shape)).astype(np.float32)
+    assert auto.choose(heavy, modality="CT") == (auto, None)
     assert auto.choose(real_slice, modality="CT") == (auto, None)
 
 
