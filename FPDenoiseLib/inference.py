@@ -353,13 +353,14 @@ class Denoiser:
         """
         if not self.auto:
             return self, self.model_hint(array, modality=modality)
-        found = self._ct_noise(array, modality)
+        probe: list = []  # the middle slice through this model, shared by both checks
+        found = self._ct_noise(array, modality, probe)
         if found is not None:
             ct = self._companion("ct_texture")
             ct.strength = self.strength
             return ct, (f"auto: the CT scanner-noise model, which removes {found[1]:.0f} HU of noise here where "
                         f"the default removes {found[0]:.0f} HU (the noise is correlated like a CT scanner's own)")
-        white = self._white_noise(array, modality)
+        white = self._white_noise(array, modality, probe)
         if white is None:
             return self, None
         g = self._companion("gaussian_ct")
@@ -367,7 +368,18 @@ class Denoiser:
         return g, (f"auto: the white-noise CT model (the noise here is white, {white:.0f} HU, the same in dark "
                    "and bright tissue)")
 
-    def _ct_noise(self, array: np.ndarray, modality: str | None) -> tuple[float, float] | None:
+    def _probe(self, array: np.ndarray, probe: list) -> tuple[np.ndarray, Normalizer, torch.Tensor, torch.Tensor]:
+        """``(middle slice, its CT normaliser, the normalised slice as a tensor, this model's full-strength output)``,
+        computed once into ``probe`` (an empty list the caller passes to every check of one choice)."""
+        if not probe:
+            s = _middle_slice(array)
+            norm = self.normalizer(s, "CT")
+            with torch.inference_mode():
+                t = self._tensor(norm.forward(s)[None])
+                probe += [s, norm, t, self.model(t, strength=1.0).float()]
+        return probe[0], probe[1], probe[2], probe[3]
+
+    def _ct_noise(self, array: np.ndarray, modality: str | None, probe: list | None = None) -> tuple[float, float] | None:
         """(this model's, the CT model's correction in HU) where the CT model is the one for this CT, else None."""
         a = _check_array(array)
         if (modality or "").upper() != "CT" or self.checkpoint_path.name == CT_TEXTURE_NAME or not isinstance(
@@ -375,23 +387,21 @@ class Denoiser:
         ):
             return None
         ct = self._companion("ct_texture")
-        s = _middle_slice(a)
-        body = s > -500
-        if ct is None or body.sum() < 256:
+        if ct is None or (_middle_slice(a) > -500).sum() < 256:
             return None
-        norm = self.normalizer(s, "CT")
+        s, norm, t, out = self._probe(a, [] if probe is None else probe)
+        body = s > -500
         removed = []
         with torch.inference_mode():
-            t = self._tensor(norm.forward(s)[None])
-            for net in (self.model, ct.model):
-                r = (t - net(t, strength=1.0))[0, 0].float().cpu().numpy()[body]
+            for y in (out, ct.model(t, strength=1.0).float()):
+                r = (t - y)[0, 0].cpu().numpy()[body]
                 removed.append(1.4826 * float(np.median(np.abs(r - np.median(r)))) * (norm.hi - norm.lo))
         ours, theirs = removed
         if theirs < CT_NOISE_HINT_HU or theirs < CT_NOISE_HINT_RATIO * ours:
             return None
         return ours, theirs
 
-    def _white_noise(self, array: np.ndarray, modality: str | None) -> float | None:
+    def _white_noise(self, array: np.ndarray, modality: str | None, probe: list | None = None) -> float | None:
         """The noise level (HU) of a CT whose noise is white and that the white-noise CT model and this one
         denoise alike (:data:`WHITE_NOISE_MIN_HU` to :data:`WHITE_NOISE_MAX_HU`, :data:`WHITE_NOISE_FLATNESS`,
         :data:`WHITE_NOISE_AGREEMENT`),
@@ -406,10 +416,8 @@ class Denoiser:
         g = self._companion("gaussian_ct")
         if g is None:
             return None
-        s = _middle_slice(a)
-        norm = self.normalizer(s, "CT")
+        _, norm, t, ours = self._probe(a, [] if probe is None else probe)
         with torch.inference_mode():
-            t = self._tensor(norm.forward(s)[None])
             m = self.model.estimate_noise(t).float()
             level = F.avg_pool2d(F.interpolate(t.float(), size=m.shape[-2:], mode="area"), 5, 1, 2,
                                  count_include_pad=False).flatten().cpu().numpy()
@@ -421,7 +429,7 @@ class Denoiser:
             lo, hi = WHITE_NOISE_FLATNESS
             if not WHITE_NOISE_MIN_HU <= hu <= WHITE_NOISE_MAX_HU or not lo * bright <= dark <= hi * bright:
                 return None
-            ours, theirs = self.model(t, strength=1.0).float(), g.model(t, strength=1.0).float()
+            theirs = g.model(t, strength=1.0).float()
             correction = float((t - ours).square().mean().sqrt())
             if float((ours - theirs).square().mean().sqrt()) > WHITE_NOISE_AGREEMENT * correction:
                 return None
