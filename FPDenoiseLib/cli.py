@@ -251,6 +251,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         clean.array, lambda x: add_noise(x, args.noise, level=args.level, seed=args.seed), modality=clean.modality
     )
     noisy = replace(clean, array=noisy_arr)
+    den, note = den.choose(noisy.array, modality=noisy.modality)  # as `denoise` and the GUIs do
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     cb, close = _progress_cb("demo", args.progress_lines)
     try:
         res = den.run(noisy, progress=cb)
@@ -272,7 +275,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stats = (
         f"{args.noise} level {args.level}: PSNR noisy {psnr(c, n, data_range=rng):.2f} dB -> "
         f"denoised {psnr(c, d, data_range=rng):.2f} dB; SSIM {ssim(c, n, data_range=rng):.3f} -> "
-        f"{ssim(c, d, data_range=rng):.3f}; feature score {res.fp_score:.3f}"
+        f"{ssim(c, d, data_range=rng):.3f}; feature score {res.fp_score:.3f}; model {den.name}"
     )
     # The clean image is known here: also show where the output's structure differs from the truth.
     change_clean = den.feature_change_array(res.denoised.array[k][None], clean.array[k][None], modality=clean.modality)[0]
@@ -348,11 +351,12 @@ def _add_quality(p: argparse.ArgumentParser) -> None:
 MODEL_HELP = ("checkpoint file, or a shipped model by name: default (FP-trained, all noise types), mse_twin (its "
               "MSE-only twin), ct_texture (CT: a scanner's correlated noise), gaussian_ct (CT: white noise of one level), "
               "auto (the default, or ct_texture for a CT whose noise it would remove and the default keeps, or "
-              "gaussian_ct for a CT with white noise; the note says which); default: default")
+              "gaussian_ct for a CT with white noise; the note says which)")
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+def _add_model(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--model`` and its companions; ``default`` "auto" where the GUIs start there too (denoise, demo)."""
+    p.add_argument("--model", default=default, help=f"{MODEL_HELP}; default: {default or 'default'}")
     p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: 1 on CPU, 8 on GPU)")
     p.add_argument("--progress-lines", action="store_true", help="print 'PROGRESS done total' lines (for GUIs)")
 
@@ -370,7 +374,7 @@ def _add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help="folder of clean images/volumes (or a dataset with --protocol)")
     p.add_argument("--out", required=True, help="output folder (with --export-protocol: where train/ and test/ go)")
-    p.add_argument("--model", default=None, help="ours: " + MODEL_HELP)
+    p.add_argument("--model", default=None, help=f"ours: {MODEL_HELP}; default: default (auto is refused: one model per column)")
     p.add_argument("--baseline-model", action="append", default=[], metavar="[NAME=]CKPT",
                    help="learned baseline checkpoint, e.g. mse_only=mse.pt or drunet=drunet.pt (repeatable)")
     p.add_argument("--noises", nargs="+", default=list(PAPER_NOISE_NAMES), metavar="NOISE",
@@ -430,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", default=None, metavar="UID", help="only the DICOM series with this SeriesInstanceUID")
     p.add_argument("--summary-json", default=None, metavar="FILE",
                    help="also write the per-item results (output paths, feature score, status) as JSON, last")
-    _add_model(p)
+    _add_model(p, "auto")
     _add_quality(p)
     _add_device(p)
     p.set_defaults(func=cmd_denoise)
@@ -511,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", default="gaussian", choices=NOISE_NAMES)
     p.add_argument("--level", type=float, default=DEFAULT_LEVEL)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default="auto", help=f"{MODEL_HELP}; default: auto")
     p.add_argument("--progress-lines", action="store_true")
     _add_device(p)
     p.set_defaults(func=cmd_demo)

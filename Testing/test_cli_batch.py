@@ -6,6 +6,7 @@ The CLI runs in-process (``cli.main([...])``); the model is a tiny real checkpoi
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -255,8 +256,46 @@ def test_cli_model_auto_takes_the_ct_model_only_for_a_ct_scanner_noise(tmp_path,
     assert rc == 2 and "--model auto picks a model per CT volume" in err and not (tmp_path / "b" / "results.csv").exists()
 
 
+def test_cli_starts_on_auto_as_the_guis_do(tmp_path, capsys):
+    """Without --model, `denoise` and `demo` choose per CT volume as the Slicer module and the browser viewer
+    start: a real CT slice with white Gaussian noise goes through the white-noise CT model (the note and the
+    summary say so); --model default keeps the all-type model."""
+    import json
+
+    from FPDenoiseLib.inference import resources_dir
+    from FPDenoiseLib.io import Image, write_image
+
+    real = np.asarray(read_image(resources_dir() / "TestData" / "real_ct_lung1_slice.nrrd").array,
+                      dtype=np.float32).squeeze()
+    gauss = real + np.random.default_rng(6).normal(0.0, 0.02 * float(real.max() - real.min()), real.shape)
+    write_image(Image(np.rint(gauss[None]).astype(np.int16), (0.7, 0.7, 2.0), (0, 0, 0), modality="CT"),
+                tmp_path / "g.nrrd")
+    src = read_image(tmp_path / "g.nrrd")
+    for model, argv in (("gaussian_ct", ()), ("default", ("--model", "default"))):
+        out = tmp_path / f"{model}.nrrd"
+        rc, _, err = _run(capsys, "denoise", tmp_path / "g.nrrd", out, "--device", "cpu", *argv,
+                          "--summary-json", tmp_path / f"{model}.json")
+        assert rc == 0, err
+        assert ("note: auto: the white-noise CT model" in err) == (model == "gaussian_ct"), err
+        want = Denoiser(model, device="cpu").denoise_array(src.array, modality="CT")
+        np.testing.assert_array_equal(read_image(out).array, want)
+        assert json.loads((tmp_path / f"{model}.json").read_text())["items"][0]["model"] == model
+    # the README's main job: the bundled sample with simulated Gaussian noise
+    stats = {}
+    for model, argv in (("gaussian_ct", ()), ("default", ("--model", "default"))):
+        rc, out, err = _run(capsys, "demo", "--out", tmp_path / f"demo_{model}", "--device", "cpu", *argv)
+        assert rc == 0, err
+        line = next(s for s in out.splitlines() if s.startswith("gaussian level"))
+        assert line.endswith(f"model {model}"), line
+        noisy_db, den_db = (float(v) for v in re.findall(r"([0-9.]+) dB", line))
+        assert den_db > noisy_db + 8.0, line
+        stats[model] = den_db
+        assert (tmp_path / f"demo_{model}" / "panel.png").stat().st_size > 0
+    assert stats["gaussian_ct"] > stats["default"], stats
+
+
 def test_cli_notes_the_ct_model_for_a_noisy_ct(tmp_path, capsys):
-    """The default on a CT with a scanner's kernel-correlated noise prints a one-line note naming --model
+    """The default model on a CT with a scanner's kernel-correlated noise prints a one-line note naming --model
     ct_texture (the Slicer module's background path shows the CLI's lines in its log); a clean CT and a CT
     with as much white noise (which the default removes) get none."""
     from FPDenoiseLib.io import Image, write_image
@@ -266,7 +305,8 @@ def test_cli_notes_the_ct_model_for_a_noisy_ct(tmp_path, capsys):
         # an FPDenoise NRRD keeps its modality (CT)
         write_image(Image(np.rint(arr[None]).astype(np.int16), (0.7, 0.7, 2.0), (0, 0, 0), modality="CT"),
                     tmp_path / f"{name}.nrrd")
-        rc, _, err = _run(capsys, "denoise", tmp_path / f"{name}.nrrd", tmp_path / f"{name}_d.nrrd", "--device", "cpu")
+        rc, _, err = _run(capsys, "denoise", tmp_path / f"{name}.nrrd", tmp_path / f"{name}_d.nrrd", "--device", "cpu",
+                          "--model", "default")
         assert rc == 0, err
         assert ("note: the CT scanner-noise model" in err and "--model ct_texture" in err) == (name == "noisy"), (
             name, err)

@@ -308,6 +308,10 @@ def test_best_quality_ensemble_passes_through_logic_and_cli(logic, ct, checkpoin
 
     plain = logic.denoiseCommand(tmp_path / "in.nrrd", tmp_path / "w")
     assert plain[plain.index("--ensemble") + 1] == "1"
+    # an empty model is the shipped default here, named, since the CLI's own default is "auto"
+    assert plain[plain.index("--model") + 1] == "default"
+    chosen = logic.denoiseCommand(tmp_path / "in.nrrd", tmp_path / "w", modelPath="auto")
+    assert chosen[chosen.index("--model") + 1] == "auto"
     cmd = logic.denoiseCommand(tmp_path / "in.nrrd", tmp_path / "w", ensemble=ENSEMBLE_BEST)
     assert cmd[cmd.index("--ensemble") + 1] == "8"
     one = logic.denoise(ct, checkpoint, device="cpu", computeSaliency=False)

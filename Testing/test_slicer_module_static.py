@@ -238,7 +238,8 @@ def test_shipped_model_names_agree_everywhere():
 
 def test_the_gui_front_ends_start_with_the_automatic_choice():
     """The Slicer module's parameter and `fpdenoise view` start with "auto" (a low-dose CT gets the CT model
-    without a choice to make); the command line's denoise keeps the default model unless told."""
+    without a choice to make), and so do the command line's denoise and demo; saliency (the default's f) and the
+    benchmark (one model per column) name no choice."""
     import argparse
 
     from FPDenoiseLib.cli import build_parser
@@ -250,4 +251,8 @@ def test_the_gui_front_ends_start_with_the_automatic_choice():
     assert defaults["modelPath"] == "auto"
     view = add_view_parser(argparse.ArgumentParser().add_subparsers())
     assert view.parse_args([]).model == "auto"
-    assert build_parser().parse_args(["denoise", "a.nrrd", "b.nrrd"]).model is None
+    parser = build_parser()
+    assert parser.parse_args(["denoise", "a.nrrd", "b.nrrd"]).model == "auto"
+    assert parser.parse_args(["demo"]).model == "auto"
+    assert parser.parse_args(["saliency", "a.nrrd", "b.nrrd"]).model is None
+    assert parser.parse_args(["benchmark", "--data", "d", "--out", "o"]).model is None

@@ -664,8 +664,8 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
             cmd += ["--saliency-dir", str(out), "--saliency-format", "nrrd"]
         cmd += ["--summary-json", str(out / BACKGROUND_SUMMARY), "--device", device, "--strength", f"{float(strength):g}",
                 "--ensemble", str(int(ensemble))]
-        if modelPath:
-            cmd += ["--model", str(modelPath)]
+        # always named: empty means the shipped default here, where the CLI's own default is "auto"
+        cmd += ["--model", str(modelPath or "").strip() or "default"]
         return cmd + ["--progress-lines"]
 
     def prepareBackgroundDenoise(self, inputVolumeNode, workDir: str | os.PathLike | None = None, **kwargs) -> tuple[list[str], Path]:
