@@ -161,3 +161,14 @@ def noisy_ct_phantom(n: int = 64, *, sd_hu: float = 60.0, correlated: bool = Tru
     else:
         noise = np.random.default_rng(seed).normal(0.0, sd_hu, (n, n))
     return np.where(body, 40.0 + noise, -1000.0).astype(np.float32)
+
+
+def real_ct_with_white_noise(fraction: float = 0.02, *, seed: int = 0) -> np.ndarray:
+    """The committed real chest CT slice (HU) with white Gaussian noise of SD ``fraction`` of its range (float64):
+    what ``Denoiser("auto")`` hands to the white-noise CT model."""
+    from FPDenoiseLib.inference import resources_dir
+    from FPDenoiseLib.io import read_image
+
+    real = np.asarray(read_image(resources_dir() / "TestData" / "real_ct_lung1_slice.nrrd").array,
+                      dtype=np.float32).squeeze()
+    return real + np.random.default_rng(seed).normal(0.0, fraction * float(real.max() - real.min()), real.shape)

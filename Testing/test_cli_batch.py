@@ -15,7 +15,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
-from io_helpers import noisy_ct_phantom, read_dicom_dir, tree_hash, write_ct_series
+from io_helpers import noisy_ct_phantom, read_dicom_dir, real_ct_with_white_noise, tree_hash, write_ct_series
 
 from FPDenoiseLib.checkpoint import save_checkpoint
 from FPDenoiseLib.cli import main, series_output_name
@@ -227,13 +227,10 @@ def test_cli_model_auto_takes_the_ct_model_only_for_a_ct_scanner_noise(tmp_path,
     not white over the slice) through the default."""
     import json
 
-    from FPDenoiseLib.inference import resources_dir
     from FPDenoiseLib.io import Image, write_image
 
     (tmp_path / "in").mkdir()
-    real = np.asarray(read_image(resources_dir() / "TestData" / "real_ct_lung1_slice.nrrd").array,
-                      dtype=np.float32).squeeze()
-    gauss = real + np.random.default_rng(5).normal(0.0, 0.02 * float(real.max() - real.min()), real.shape)
+    gauss = real_ct_with_white_noise(0.02, seed=5)
     vols = {"corr": noisy_ct_phantom(96, seed=5), "white": noisy_ct_phantom(96, correlated=False, seed=5),
             "gauss": gauss}
     for name, arr in vols.items():
@@ -262,12 +259,9 @@ def test_cli_starts_on_auto_as_the_guis_do(tmp_path, capsys):
     summary say so); --model default keeps the all-type model."""
     import json
 
-    from FPDenoiseLib.inference import resources_dir
     from FPDenoiseLib.io import Image, write_image
 
-    real = np.asarray(read_image(resources_dir() / "TestData" / "real_ct_lung1_slice.nrrd").array,
-                      dtype=np.float32).squeeze()
-    gauss = real + np.random.default_rng(6).normal(0.0, 0.02 * float(real.max() - real.min()), real.shape)
+    gauss = real_ct_with_white_noise(0.02, seed=6)
     write_image(Image(np.rint(gauss[None]).astype(np.int16), (0.7, 0.7, 2.0), (0, 0, 0), modality="CT"),
                 tmp_path / "g.nrrd")
     src = read_image(tmp_path / "g.nrrd")

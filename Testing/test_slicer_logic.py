@@ -746,14 +746,9 @@ def test_automatic_model_choice_on_a_real_scene(logic):
     """modelPath "auto": a CT with a scanner's correlated noise is denoised by the CT model (same voxels as
     choosing it, the note and the output node name it), a real CT slice with white Gaussian noise by the
     white-noise CT model, the phantom with white noise in the body only by the default, with no note."""
-    from io_helpers import noisy_ct_phantom
+    from io_helpers import noisy_ct_phantom, real_ct_with_white_noise
 
-    from FPDenoiseLib.inference import resources_dir
-    from FPDenoiseLib.io import read_image
-
-    real = np.asarray(read_image(resources_dir() / "TestData" / "real_ct_lung1_slice.nrrd").array,
-                      dtype=np.float32).squeeze()
-    gauss = real + np.random.default_rng(1).normal(0.0, 0.02 * float(real.max() - real.min()), real.shape)
+    gauss = real_ct_with_white_noise(0.02, seed=1)
     assert "automatic" in logic.modelDescription("auto")
     for name, hu, model in (("corr", noisy_ct_phantom(64, seed=1), "ct_texture"),
                             ("white", noisy_ct_phantom(64, correlated=False, seed=1), "default"),
