@@ -163,12 +163,14 @@ class BatchSummary:
     model: str = ""
     strength: float | None = None
     ensemble: int | None = None  # passes over flips and rotations averaged (--ensemble)
+    precision: str | None = None  # "bf16" or "fp32": what --precision auto resolved to on this machine
 
     @classmethod
     def of_run(cls, input: str | Path, denoiser, items: list | None = None) -> BatchSummary:
-        """An empty (or ``items``) summary of a run of ``denoiser``: its label, strength and ensemble."""
+        """An empty (or ``items``) summary of a run of ``denoiser``: its label, strength, ensemble and precision."""
         return cls(Path(input), list(items or []), model=getattr(denoiser, "label", ""),
-                   strength=getattr(denoiser, "strength", None), ensemble=getattr(denoiser, "ensemble", None))
+                   strength=getattr(denoiser, "strength", None), ensemble=getattr(denoiser, "ensemble", None),
+                   precision=getattr(denoiser, "precision", None))
 
     def _with(self, status: str) -> list:
         return [r for r in self.items if r.status == status]
@@ -202,6 +204,7 @@ class BatchSummary:
             "model": self.model,
             "strength": self.strength,
             "ensemble": self.ensemble,
+            "precision": self.precision,
             "done": len(self.done),
             "skipped": len(self.skipped),
             "failed": len(self.failed),

@@ -28,7 +28,7 @@ from .device import bf16_supported, pick_device
 from .display import feature_change as display_feature_change  # `feature_change` is a process() flag
 from .errors import InputError
 from .intensity import DEFAULT_POLICY, Normalizer, cast_like
-from .models import ResUNet
+from .models import ResUNet, bf16_inference_copy
 from .xai import DEFAULT_READOUT, guided_backprop
 
 ProgressCallback = Callable[[int, int], None]  # progress(done, total)
@@ -188,7 +188,7 @@ def _check_array(array: np.ndarray) -> np.ndarray:
     return a
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class Denoiser:
@@ -200,10 +200,14 @@ class Denoiser:
         device: "auto" (CUDA > MPS > CPU), "cpu", "cuda", "mps".
         batch_size: slices per forward pass (also capped by :data:`MAX_BATCH_PIXELS`); default 1 on
             CPU (fastest per slice there), 8 on a GPU.
-        precision: "fp32" (default) or "bf16": bfloat16 autocast for the denoiser's forward pass. On a
-            CPU with native bf16 (AVX512-BF16 / AMX) it was 1.6x faster for the shipped model at
-            -0.02 dB (Gaussian 5 % on a real CT slice; ``benchmarks/speed.py``); elsewhere it is
-            refused, since emulated bf16 is slower than float32. Saliency stays float32.
+        precision: "auto" (default), "fp32" or "bf16": bfloat16 autocast for the denoiser's forward
+            pass, with the layers that read the raw image in float32 (``models.float32_layer``). On a
+            CPU with native bf16 (AVX512-BF16 / AMX) the shipped model ran 1.3-1.5x faster at the same
+            quality (7 held-out CT slices: clean / Gaussian 2 % / 5 % / Poisson 200 within 0.01 dB of
+            float32; ``benchmarks/speed.py``). "auto" takes bf16 where the device has it natively and
+            the net is a ResUNet, float32 elsewhere; an explicit "bf16" is refused where the device has
+            no native bf16, since emulated bf16 is slower than float32. :attr:`precision` holds the
+            one in use. Saliency stays float32.
     """
 
     def __init__(
@@ -214,7 +218,7 @@ class Denoiser:
         batch_size: int | None = None,
         strength: float = 1.0,
         ensemble: int = 1,
-        precision: str = "fp32",
+        precision: str = "auto",
     ) -> None:
         if not (math.isfinite(strength) and 0.0 <= strength <= 3.0):
             raise InputError(f"strength must be in [0, 3] (1 = as trained, 0 = return the input), got {strength}")
@@ -231,7 +235,6 @@ class Denoiser:
         self.device = pick_device(device)
         if precision == "bf16" and not bf16_supported(self.device):
             raise InputError(f"precision bf16: {self.device.type} here has no native bfloat16 (use fp32)")
-        self.precision = precision
         # CPU: one slice per pass is fastest per slice (measured: 42 ms at batch 1 vs 86 ms at 8 on 2 cores,
         # benchmarks/speed.py); GPUs want batches.
         self.batch_size = max(1, int(batch_size)) if batch_size is not None else (1 if self.device.type == "cpu" else 8)
@@ -248,6 +251,10 @@ class Denoiser:
                 m.to(memory_format=torch.channels_last)
                 for p in m.parameters():
                     p.requires_grad_(False)
+        if precision == "auto":  # only the ResUNet keeps its input layers in float32 under autocast
+            precision = "bf16" if isinstance(self.model, ResUNet) and bf16_supported(self.device) else "fp32"
+        self.precision = precision
+        self._bf16_net: ResUNet | None = None
         self.policy = {**DEFAULT_POLICY, **self.ckpt.get("normalization", {})}
         # a shipped model goes by the name users pick it by (output descriptions, node attributes, summaries)
         self.name = shipped_name(self.checkpoint_path) or self.ckpt.get("training", {}).get("name") or (
@@ -269,8 +276,13 @@ class Denoiser:
 
     def _net(self, t: torch.Tensor) -> torch.Tensor:
         bf16 = self.precision == "bf16"
+        net = self.model
+        if bf16 and isinstance(net, ResUNet):
+            if self._bf16_net is None:  # built on first use: float32-only runs do not pay its 5 MB
+                self._bf16_net = bf16_inference_copy(net)
+            net = self._bf16_net
         with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            out = self.model(t, strength=self.strength) if isinstance(self.model, ResUNet) else self.model(t)
+            out = net(t, strength=self.strength) if isinstance(net, ResUNet) else net(t)
         out = out.float()
         if isinstance(self.model, ResUNet):
             return out

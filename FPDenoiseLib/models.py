@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -79,6 +80,55 @@ class _Up(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
         return self.conv(torch.cat([skip, self.reduce(x)], dim=1))
+
+
+def float32_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` computed in float32 also inside an autocast region (output in autocast's dtype).
+
+    For the layers that read the raw image: bfloat16 keeps 8 significant bits, so an intensity of
+    0.5 (normalised) would be rounded by up to 0.002, a fifth of a 2 % noise sigma's step, and the net
+    would read that rounding as noise. Their outputs are features, which bf16 holds well. Measured on
+    the shipped default (7 held-out CT slices, Gaussian 2 %): bf16 everywhere 45.18 dB, with the two
+    input convolutions in float32 45.23, float32 45.23.
+
+    >>> conv = nn.Conv2d(1, 2, 3)
+    >>> x = torch.rand(1, 1, 8, 8)
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+    ...     y = float32_layer(conv, x)
+    >>> y.dtype, torch.equal(y, conv(x).to(torch.bfloat16))  # conv(x) out here: float32
+    (torch.bfloat16, True)
+    """
+    dev = x.device.type
+    try:
+        on = torch.is_autocast_enabled(dev)
+        dtype = torch.get_autocast_dtype(dev) if on else None
+    except (TypeError, AttributeError):  # torch < 2.4 has no device argument here
+        on = torch.is_autocast_cpu_enabled() if dev == "cpu" else torch.is_autocast_enabled()
+        dtype = (torch.get_autocast_cpu_dtype() if dev == "cpu" else torch.get_autocast_gpu_dtype()) if on else None
+    if not on:
+        return layer(x)
+    with torch.autocast(dev, enabled=False):
+        return layer(x.float()).to(dtype)
+
+
+def bf16_inference_copy(net: ResUNet) -> ResUNet:
+    """A copy of ``net`` for bfloat16-autocast inference, its convolution weights stored in bf16.
+
+    Autocast casts float32 weights again on every call unless they require grad (its cache is for
+    training), which cost 10 of 70 ms per 512x512 slice here. The layers that read the raw image
+    (``net.float32_layers()``) keep float32 weights; norms keep theirs (autocast runs them in float32).
+
+    >>> net = ResUNet(channels=(8, 16), blocks=1)
+    >>> fast = bf16_inference_copy(net)
+    >>> fast.head.weight.dtype, fast.tail.weight.dtype, net.tail.weight.dtype
+    (torch.float32, torch.bfloat16, torch.float32)
+    """
+    fast = copy.deepcopy(net)
+    keep = {id(m) for m in fast.float32_layers()}
+    for m in fast.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and id(m) not in keep:
+            m.to(torch.bfloat16)
+    return fast
 
 
 def _pad_to_multiple(x: torch.Tensor, m: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -338,10 +388,15 @@ class NoiseLevelEstimator(nn.Module):
             layers.append(nn.Conv2d(channels, 1, 3, padding=1))
             self.net = nn.Sequential(*layers)
 
+    @property
+    def first(self) -> nn.Conv2d:
+        """The convolution that reads the image (kept float32 under autocast: :func:`float32_layer`)."""
+        return (self.body if self.global_context else self.net)[0]
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if not self.global_context:
-            return self.net(x)
-        h = self.body(x)
+            return self.net[1:](float32_layer(self.net[0], x))
+        h = self.body[1:](float32_layer(self.body[0], x))
         g = h.mean(dim=(2, 3), keepdim=True).expand_as(h)
         return self.out(self.mix(torch.cat([h, g], dim=1)))
 
@@ -563,6 +618,10 @@ class ResUNet(nn.Module):
         self.tail = nn.Conv2d(c[0], u2, 3, padding=1, bias=False)
         nn.init.zeros_(self.tail.weight)  # starts as the identity
 
+    def float32_layers(self) -> list[nn.Module]:
+        """The layers that read the raw image, which run in float32 under autocast (:func:`float32_layer`)."""
+        return [self.head, self.estimator.first]
+
     def estimate_noise(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted local noise-level map of ``x`` (same shape, normalised units)."""
         x = self.remove_impulses(x)
@@ -606,7 +665,7 @@ class ResUNet(nn.Module):
         # map, 29 HU at the full map), since a net reads what exceeds its map as structure.
         ms = max(strength, 1.0)
         inp = torch.cat([F.pixel_unshuffle(xp, u), F.pixel_unshuffle(m * (ms * self.MAP_SCALE), u)], dim=1)
-        y = self.head(inp)
+        y = float32_layer(self.head, inp)  # reads the raw image
         skips = []
         for enc, down in zip(self.encoders, self.downs):  # noqa: B905 (Python 3.9 has no strict=)
             y = enc(y)
@@ -615,13 +674,13 @@ class ResUNet(nn.Module):
         y = self.body(y)
         for up, dec in zip(self.ups, self.decoders):  # noqa: B905
             y = dec(up(y) + skips.pop())
-        r = F.pixel_shuffle(self.tail(y), u)
+        r = F.pixel_shuffle(self.tail(y), u).float()  # under bf16 autocast: gate and strength in float32
         if self.residual_gate > 0:
             # The correction is gated by the local noise level, tanh(gate * m): where the map is 0
             # the output is the input exactly (clean images and regions pass unchanged); at typical
             # noise levels (m >~ 2 / gate) the gate is ~1 and the net learns as a plain residual net
             # (a gate linear in m would shrink its effective learning rate by m ~ 0.01-0.05).
-            r = r * torch.tanh(m * (ms * self.residual_gate))
+            r = r * torch.tanh(m.float() * (ms * self.residual_gate))
         if strength < 1:
             r = r * strength  # the blend y + s (D(y) - y)
         out = (xp + r)[..., :h, :w]

@@ -273,7 +273,14 @@ def test_cli_starts_on_auto_as_the_guis_do(tmp_path, capsys):
         assert ("note: auto: the white-noise CT model" in err) == (model == "gaussian_ct"), err
         want = Denoiser(model, device="cpu").denoise_array(src.array, modality="CT")
         np.testing.assert_array_equal(read_image(out).array, want)
-        assert json.loads((tmp_path / f"{model}.json").read_text())["items"][0]["model"] == model
+        summary = json.loads((tmp_path / f"{model}.json").read_text())
+        assert summary["items"][0]["model"] == model
+        assert summary["precision"] == Denoiser(model, device="cpu").precision  # auto: bf16 where the CPU has it
+    rc, _, err = _run(capsys, "denoise", tmp_path / "g.nrrd", tmp_path / "fp32.nrrd", "--device", "cpu",
+                      "--model", "default", "--precision", "fp32", "--summary-json", tmp_path / "fp32.json")
+    assert rc == 0 and json.loads((tmp_path / "fp32.json").read_text())["precision"] == "fp32", err
+    want = Denoiser("default", device="cpu", precision="fp32").denoise_array(src.array, modality="CT")
+    np.testing.assert_array_equal(read_image(tmp_path / "fp32.nrrd").array, want)
     # the README's main job: the bundled sample with simulated Gaussian noise
     stats = {}
     for model, argv in (("gaussian_ct", ()), ("default", ("--model", "default"))):

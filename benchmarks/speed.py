@@ -3,15 +3,16 @@
     python benchmarks/speed.py [--model CKPT] [--device cpu] [--volume-slices 300] [--quick]
 
 Prints, on one 512x512 slice (the same input for every method):
-  1. slices/s of every method (classical baselines, ours, the DRUNet architecture), ours vs BM3D;
+  1. slices/s of every method (classical baselines, ours in float32 and, where the CPU has native
+     bf16, in bf16 as the default precision runs it, the DRUNet architecture), ours vs BM3D;
   2. the U-Net forward's achieved FLOP/s (FLOPs counted by torch.utils.flop_counter) against this
      machine's measured float32 matmul peak in the same run;
   3. the train-step time with the FP loss vs the MSE-only loss at the same batch size;
   4. before/after figures of the optimisations tried: autograd vs no_grad vs inference_mode,
      batch size, channels_last, thread count, batching the benchmark's GB maps (GB(clean) once), the
      experimental attention layers (``--attention 2 3``);
-  5. peak resident memory (VmHWM and ru_maxrss) of a fresh subprocess that denoises a
-     512x512xN int16 volume with Denoiser.denoise_array.
+  5. time and peak resident memory (VmHWM and ru_maxrss) of a fresh subprocess that denoises a
+     512x512xN int16 volume with Denoiser.denoise_array, at the default precision and in float32.
 Before/after pairs are timed alternately (A B A B ...) so load changes on a shared machine hit
 both sides alike.
 
@@ -124,7 +125,7 @@ def forward_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
     return int(fc.get_total_flops())
 
 
-def volume_memory(model: str | None, device: str, slices: int, batch_size: int | None) -> dict:
+def volume_memory(model: str | None, device: str, slices: int, batch_size: int | None, precision: str = "auto") -> dict:
     """Run the volume denoising in a fresh subprocess and return its RSS figures (MiB)."""
     code = f"""
 import json, time, numpy as np, torch
@@ -143,7 +144,7 @@ if model is None:  # random weights in a throwaway checkpoint: same memory as a 
     d, f, _ = load_nets(None, "cpu")
     model = os.path.join(tempfile.mkdtemp(), "rand.pt")
     save_checkpoint(model, {{"denoiser": d, "restoration": f}}, normalization={{}})
-den = Denoiser(model, device={device!r}, batch_size={batch_size})
+den = Denoiser(model, device={device!r}, batch_size={batch_size}, precision={precision!r})
 # a realistic CT volume: the committed real lung slice with scanner-like noise (uniform random
 # values would look like salt & pepper everywhere and trigger the impulse pre-stage)
 from FPDenoiseLib.inference import resources_dir
@@ -157,7 +158,7 @@ base = peak_rss_mib()
 t0 = time.perf_counter()
 out = den.denoise_array(vol, modality="CT")
 dt = time.perf_counter() - t0
-print(json.dumps({{"before": base, "peak": peak_rss_mib(), "seconds": dt,
+print(json.dumps({{"before": base, "peak": peak_rss_mib(), "seconds": dt, "precision": den.precision,
                   "input_mib": vol.nbytes / 2**20, "out_dtype": str(out.dtype)}}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
@@ -207,13 +208,26 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     rates["ours (denoiser)"] = 1.0 / timeit(fwd(d), max(reps, 3))
+    bf16 = bf16_supported(dev) and getattr(d, "config", {}).get("arch") == "resunet"
+    if bf16:  # what Denoiser(precision="auto"), the default, runs here
+
+        def fwd_bf16() -> None:
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
+                d(x)
+            sync(dev)
+
+        rates["ours (denoiser, bf16)"] = 1.0 / timeit(fwd_bf16, max(reps, 3))
     cfg = TrainConfig(arch="drunet")
     torch.manual_seed(0)
     dr = build_model(cfg.model_config("denoiser")).eval().to(dev)
     rates["drunet (arch)"] = 1.0 / timeit(fwd(dr), max(reps, 3))
     for name, r in sorted(rates.items(), key=lambda kv: -kv[1]):
         print(f"  {name:22s} {r:9.2f} slices/s   {1000 / r:9.1f} ms/slice")
-    print(f"  ours / BM3D speed ratio: {rates['ours (denoiser)'] / rates['bm3d']:.1f}x faster")
+    print(f"  ours / BM3D speed ratio: {rates['ours (denoiser)'] / rates['bm3d']:.1f}x faster (float32)")
+    if bf16:
+        print(f"  ours in bf16 (the default here, input layers float32) / BM3D: "
+              f"{rates['ours (denoiser, bf16)'] / rates['bm3d']:.1f}x faster, / NL-means "
+              f"{rates['ours (denoiser, bf16)'] / rates['nlmeans']:.1f}x")
 
     # ---- 2. FLOP/s
     print("\n## 2. U-Net forward achieved FLOP/s vs measured float32 matmul peak")
@@ -273,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             elif ctx == "no_grad":
                 with torch.no_grad():
                     net(xi)
-            elif ctx == "bf16":  # Denoiser(precision="bf16")
+            elif ctx == "bf16":  # Denoiser(precision="bf16"), the default ("auto") where the CPU has bf16
                 with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
                     net(xi)
             else:
@@ -339,13 +353,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 5. memory
     if not args.skip_volume:
-        print(f"\n## 5. Peak memory denoising a 512x512x{vol_slices} int16 volume (fresh subprocess)")
-        m = volume_memory(args.model, args.device, vol_slices, None)
-        if "error" in m:
-            print(f"  failed: {m['error']}")
-        else:
+        print(f"\n## 5. Time and peak memory denoising a 512x512x{vol_slices} int16 volume (fresh subprocess each)")
+        for precision in ("auto", "fp32") if bf16 else ("auto",):
+            m = volume_memory(args.model, args.device, vol_slices, None, precision)
+            if "error" in m:
+                print(f"  failed: {m['error']}")
+                continue
             (ru0, hwm0), (ru1, hwm1) = m["before"], m["peak"]
-            print(f"  Denoiser().denoise_array (default batch: 1 slice on CPU): input {m['input_mib']:.0f} MiB (output as large); "
+            print(f"  Denoiser(precision={precision!r} -> {m['precision']}).denoise_array (default batch: 1 slice on CPU): "
+                  f"input {m['input_mib']:.0f} MiB (output as large); "
                   f"peak RSS (VmHWM) {hwm0:.0f} MiB after model load -> {hwm1:.0f} MiB after denoising "
                   f"(ru_maxrss {ru0:.0f} -> {ru1:.0f} MiB); {m['seconds']:.1f} s "
                   f"({vol_slices / m['seconds']:.2f} slices/s)")
