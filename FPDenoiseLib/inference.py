@@ -28,7 +28,7 @@ from .device import bf16_supported, pick_device
 from .display import feature_change as display_feature_change  # `feature_change` is a process() flag
 from .errors import InputError
 from .intensity import DEFAULT_POLICY, Normalizer, cast_like
-from .models import ResUNet, bf16_inference_copy
+from .models import ResUNet
 from .xai import DEFAULT_READOUT, guided_backprop
 
 ProgressCallback = Callable[[int, int], None]  # progress(done, total)
@@ -254,7 +254,6 @@ class Denoiser:
         if precision == "auto":  # only the ResUNet keeps its input layers in float32 under autocast
             precision = "bf16" if isinstance(self.model, ResUNet) and bf16_supported(self.device) else "fp32"
         self.precision = precision
-        self._bf16_net: ResUNet | None = None
         self.policy = {**DEFAULT_POLICY, **self.ckpt.get("normalization", {})}
         # a shipped model goes by the name users pick it by (output descriptions, node attributes, summaries)
         self.name = shipped_name(self.checkpoint_path) or self.ckpt.get("training", {}).get("name") or (
@@ -276,13 +275,8 @@ class Denoiser:
 
     def _net(self, t: torch.Tensor) -> torch.Tensor:
         bf16 = self.precision == "bf16"
-        net = self.model
-        if bf16 and isinstance(net, ResUNet):
-            if self._bf16_net is None:  # built on first use: float32-only runs do not pay its 5 MB
-                self._bf16_net = bf16_inference_copy(net)
-            net = self._bf16_net
         with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            out = net(t, strength=self.strength) if isinstance(net, ResUNet) else net(t)
+            out = self.model(t, strength=self.strength) if isinstance(self.model, ResUNet) else self.model(t)
         out = out.float()
         if isinstance(self.model, ResUNet):
             return out

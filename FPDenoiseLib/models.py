@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -109,26 +108,6 @@ def float32_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return layer(x)
     with torch.autocast(dev, enabled=False):
         return layer(x.float()).to(dtype)
-
-
-def bf16_inference_copy(net: ResUNet) -> ResUNet:
-    """A copy of ``net`` for bfloat16-autocast inference, its convolution weights stored in bf16.
-
-    Autocast casts float32 weights again on every call unless they require grad (its cache is for
-    training), which cost 10 of 70 ms per 512x512 slice here. The layers that read the raw image
-    (``net.float32_layers()``) keep float32 weights; norms keep theirs (autocast runs them in float32).
-
-    >>> net = ResUNet(channels=(8, 16), blocks=1)
-    >>> fast = bf16_inference_copy(net)
-    >>> fast.head.weight.dtype, fast.tail.weight.dtype, net.tail.weight.dtype
-    (torch.float32, torch.bfloat16, torch.float32)
-    """
-    fast = copy.deepcopy(net)
-    keep = {id(m) for m in fast.float32_layers()}
-    for m in fast.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and id(m) not in keep:
-            m.to(torch.bfloat16)
-    return fast
 
 
 def _pad_to_multiple(x: torch.Tensor, m: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -388,11 +367,6 @@ class NoiseLevelEstimator(nn.Module):
             layers.append(nn.Conv2d(channels, 1, 3, padding=1))
             self.net = nn.Sequential(*layers)
 
-    @property
-    def first(self) -> nn.Conv2d:
-        """The convolution that reads the image (kept float32 under autocast: :func:`float32_layer`)."""
-        return (self.body if self.global_context else self.net)[0]
-
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if not self.global_context:
             return self.net[1:](float32_layer(self.net[0], x))
@@ -617,10 +591,6 @@ class ResUNet(nn.Module):
         self.decoders = nn.ModuleList(level(i, win // 2) for i in reversed(range(len(c) - 1)))
         self.tail = nn.Conv2d(c[0], u2, 3, padding=1, bias=False)
         nn.init.zeros_(self.tail.weight)  # starts as the identity
-
-    def float32_layers(self) -> list[nn.Module]:
-        """The layers that read the raw image, which run in float32 under autocast (:func:`float32_layer`)."""
-        return [self.head, self.estimator.first]
 
     def estimate_noise(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted local noise-level map of ``x`` (same shape, normalised units)."""
