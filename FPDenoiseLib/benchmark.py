@@ -328,6 +328,7 @@ def _learned_method(name: str, denoiser: Any) -> _Method:
         "checkpoint": str(denoiser.checkpoint_path),
         "sha256": denoiser.ckpt.get("sha256"),
         "architecture": denoiser.ckpt["models"]["denoiser"]["config"],
+        "precision": getattr(denoiser, "precision", "fp32"),  # --precision auto resolves per machine
         "training": {k: v for k, v in denoiser.ckpt.get("training", {}).items() if k != "history"},
     }
     return _Method(name, denoiser.denoise_normalized, info)

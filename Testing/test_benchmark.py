@@ -80,6 +80,7 @@ def test_files_and_rows(setup):
     assert set(info["methods"]) == set(METHODS) and "median" in info["baseline_params"]
     assert info["versions"]["torch"] and info["versions"]["scikit-image"] and info["device"] == "cpu"
     assert info["total_seconds"] > 0
+    assert info["methods"]["ours"]["precision"] == "fp32"  # "auto": a UNet has no float32 input layers
     # no temp files left behind by the atomic writes
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
