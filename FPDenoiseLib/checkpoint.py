@@ -276,17 +276,18 @@ def average_models(
     def shape(cfg: dict) -> dict:
         return {k: v for k, v in weight_config(cfg).items() if k != "attention"}
 
-    levels = {tuple(cfg.get("attention", ())) for cfg in configs} - {()}
-    if len(levels) > 1 or any(shape(cfg) != shape(configs[0]) for cfg in configs[1:]):
+    levels = [set(cfg.get("attention", ())) for cfg in configs]
+    full = set().union(*levels)
+    # a net whose attention levels are a subset of another's is that net with zero layers there
+    if full not in levels or any(shape(cfg) != shape(configs[0]) for cfg in configs[1:]):
         raise CheckpointError(f"average_models: the {name} nets differ in architecture: {configs}")
     w = [1.0] * len(ckpts) if weights is None else [float(x) for x in weights]
     if len(w) != len(ckpts) or any(x < 0 or x != x for x in w) or sum(w) <= 0:
         raise CheckpointError(f"average_models: need one weight >= 0 per checkpoint with a positive sum, got {weights}")
     nets = [model_from_checkpoint(c, name) for c in ckpts]
-    donor = next((n for n in nets if n.config.get("attention")), None)
-    if donor is not None:  # the nets without them, grown as the same function with the donor's q, k, v
-        nets = [n if n.config.get("attention") else grow_attention(n, donor.config["attention"], like=donor)
-                for n in nets]
+    donor = next((n for n, lv in zip(nets, levels) if lv == full), None)  # noqa: B905
+    if full:  # the nets without some layers, grown as the same function with the donor's q, k, v there
+        nets = [n if lv == full else grow_attention(n, sorted(full), like=donor) for n, lv in zip(nets, levels)]  # noqa: B905
     states = [n.state_dict() for n in nets]
     net = nets[0]  # the mean is computed into new tensors before it is loaded into the first net
     net.load_state_dict({k: sum(wi * s[k].float() for wi, s in zip(w, states)) / sum(w) for k in states[0]})  # noqa: B905

@@ -699,24 +699,29 @@ def attention_prefixes(net: nn.Module) -> tuple[str, ...]:
 
 
 def grow_attention(src: ResUNet, levels: tuple[int, ...] | list[int], *, like: ResUNet | None = None) -> ResUNet:
-    """``src`` with :class:`WindowAttention` layers at ``levels``: the same function (their output
-    projections are zero). With ``like`` (a net with those layers), the new layers' norm, q, k and v are
-    ``like``'s, which any value of them allows: a weight average of the two then keeps them instead of
-    mixing in a fresh random init.
+    """``src`` with :class:`WindowAttention` layers added at ``levels``: the same function (their output
+    projections are zero). Layers ``src`` has already keep their weights. With ``like`` (a net with the
+    new layers), the new layers' norm, q, k and v are ``like``'s, which any value of them allows: a
+    weight average of the two then keeps them instead of mixing in a fresh random init.
 
     >>> small = ResUNet(channels=(24, 48), blocks=1)
     >>> x = torch.rand(1, 1, 32, 32)
     >>> bool(torch.equal(small(x), grow_attention(small, [1])(x)))
     True
+    >>> grow_attention(grow_attention(small, [1]), [0]).config["attention"]
+    [0, 1]
     """
-    if src.config.get("attention"):
-        raise ValueError("grow_attention: the net has attention layers already")
-    dst = build_model({**src.config, "attention": list(levels)})
-    dst.load_state_dict(src.state_dict(), strict=False)  # the attention layers are all it lacks
+    have = {int(a) for a in src.config.get("attention", ())}
+    want = have | {int(a) for a in levels}
+    if want == have:
+        raise ValueError(f"grow_attention: the net has attention at {sorted(have)} already, nothing to add")
+    old = {name for name, m in src.named_modules() if isinstance(m, WindowAttention)}
+    dst = build_model({**src.config, "attention": sorted(want)})
+    dst.load_state_dict(src.state_dict(), strict=False)  # the new attention layers are all it lacks
     if like is not None:
         donors = dict(like.named_modules())
         for name, m in dst.named_modules():
-            if isinstance(m, WindowAttention):
+            if isinstance(m, WindowAttention) and name not in old:
                 m.norm.load_state_dict(donors[name].norm.state_dict())
                 m.qkv.load_state_dict(donors[name].qkv.state_dict())
     return dst.to(next(src.parameters()).device)

@@ -141,10 +141,12 @@ def _same_weights(a: dict, b: dict) -> bool:
 
 
 def _adds_attention(a: dict, b: dict) -> bool:
-    """``b`` is resunet ``a`` with attention layers added (``a`` has none)."""
-    if a.get("arch") != "resunet" or a.get("attention") or not b.get("attention"):
+    """``b`` is resunet ``a`` with attention layers added (at levels ``a`` has none)."""
+    have, want = set(a.get("attention", ())), set(b.get("attention", ()))
+    if a.get("arch") != "resunet" or not have < want:
         return False
-    return _same_weights(a, {k: v for k, v in b.items() if k != "attention"})
+    strip = lambda c: {k: v for k, v in c.items() if k != "attention"}  # noqa: E731
+    return _same_weights(strip(a), strip(b))
 
 
 def _widens(a: dict, b: dict) -> bool:

@@ -420,6 +420,14 @@ def test_average_models_grows_a_net_without_attention_to_soup_with_one_that_has_
     half = average_models([make_checkpoint({"denoiser": m}, normalization={}) for m in (plain, plain)])
     with torch.no_grad():  # a plain net soups with itself as before
         assert torch.allclose(half.eval()(x), plain.eval()(x), atol=1e-6)
+    # a net with attention at some of the levels is grown at the others (its own layers kept)
     other = ResUNet(channels=(24, 48), blocks=1, attention=[1])
-    with pytest.raises(CheckpointError, match="differ in architecture"):
-        average_models([make_checkpoint({"denoiser": m}, normalization={}) for m in (att, other)])
+    for p in other.parameters():
+        p.data.normal_(0, 0.1)
+    mix = average_models([make_checkpoint({"denoiser": m}, normalization={}) for m in (other, att)]).state_dict()
+    o = other.state_dict()
+    assert torch.allclose(mix["body.1.qkv.weight"], 0.5 * (o["body.1.qkv.weight"] + a["body.1.qkv.weight"]))
+    assert torch.equal(mix["encoders.0.1.qkv.weight"], a["encoders.0.1.qkv.weight"])  # the layer other lacked
+    top = ResUNet(channels=(24, 48), blocks=1, attention=[0])
+    with pytest.raises(CheckpointError, match="differ in architecture"):  # neither holds the other's levels
+        average_models([make_checkpoint({"denoiser": m}, normalization={}) for m in (top, other)])

@@ -598,6 +598,15 @@ def test_attention_grown_from_a_trained_resunet_and_trained_alone(tmp_path, caps
     g = guided_backprop(D.eval(), torch.rand(1, 1, 64, 64) * 0.5 + 0.2, create_graph=True)
     g = g.detach()
     assert bool(torch.isfinite(g).all()) and float(g.abs().sum()) > 0
+    # a net with attention takes more levels the same way (the shipped pair has 2 3; level 1 costs little)
+    more_ck = tmp_path / "a.pt"
+    more = load_checkpoint(train(_cfg(tmp_path, out=str(tmp_path / "a1.pt"), init=str(more_ck), steps=6,
+                                      stage="denoiser", attention=[1, 2, 3], trainable="attention", **kw)))
+    D1 = model_from_checkpoint(more, "denoiser")
+    assert D1.config["attention"] == [1, 2, 3]
+    grown = D1.state_dict()
+    assert all(torch.equal(grown[k], v) for k, v in start.items())  # every non-attention weight kept
+    assert float(grown["encoders.1.2.proj.weight"].abs().sum()) > 0  # the new level-1 layer learned
 
     for bad, msg in ((dict(arch="unet", attention=[2]), "needs --arch resunet"),
                      (dict(trainable="attention", attention=[]), "needs --attention"),

@@ -24,6 +24,10 @@
 # ATTN="2 3" adds the self-attention layers to every run (grown from INIT with its output unchanged; soup0
 # averages INIT as the same net with zero layers). On the CPU (2026-11-28, third) this chain with them and
 # MIX=0.8 gave a pair above the shipped one on clean / 2 % / 5 % / Poisson; on the device: ATTN="2 3" MIX=0.8.
+# The shipped pair has them now; ATTN="1 2 3" adds window attention at level 1 to it the same way (its own
+# layers kept). Level 1 costs nothing measurable in bf16 (70 against 72 ms per slice) and, in a CPU
+# distillation of the white-noise CT model into the default (2026-11-28, sixth), gave +0.05 dB at 2 % over
+# the same run without it; level 0 would cost 1.7x (121 ms).
 # Results in $OUT (float16; they share the restoration net in fpdenoise_restoration.pt, which travels with
 # them): default.pt and mse_twin.pt (the candidate pair, exported as shipped), fp.pt, twin.pt, soup.pt,
 # base.pt and logs.tgz. Compare on the held-out set (benchmarks/quality.py, fpdenoise benchmark) before
