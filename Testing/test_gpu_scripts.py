@@ -28,7 +28,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return model_from_checkpoint(load_checkpoint(path), "denoiser").state_dict()
 
 
-def _dry_run(tmp_path: Path, **extra: str) -> tuple[Path, Path, Path, dict]:
+def _dry_run(tmp_path: Path, init_flags: tuple[str, ...] = (), **extra: str) -> tuple[Path, Path, Path, dict]:
     """The chain on the CPU with a tiny net from a shipped-style INIT; returns (out, work, init, env)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -41,7 +41,7 @@ def _dry_run(tmp_path: Path, **extra: str) -> tuple[Path, Path, Path, dict]:
     subprocess.run(py + ["-m", "FPDenoiseLib.cli", "train", "--data", str(pack), "--arch", "resunet", "--stage", "both",
                          "--base-channels", "4", "--restoration-steps", "2", "--steps", "2", "--patch-size", "32",
                          "--bank-size", "32", "--estimator-global", "--impulse-filter", "--residual-gate", "150",
-                         "--device", "cpu", "--out", str(tmp_path / "init_run.pt")],
+                         "--device", "cpu", "--out", str(tmp_path / "init_run.pt"), *init_flags],
                    check=True, env=env, capture_output=True)
     (tmp_path / "ship").mkdir()
     init = tmp_path / "ship" / "init.pt"
@@ -96,6 +96,23 @@ def test_gpu_chain_dry_run_on_cpu(tmp_path):
     x = np.random.default_rng(0).random((48, 48)).astype(np.float32)
     y = Denoiser(out / "default.pt", device="cpu").denoise_normalized(x)
     assert y.shape == x.shape and np.isfinite(y).all()
+
+
+@pytest.mark.slow
+def test_gpu_chain_adds_attention_levels_to_an_init_that_has_some(tmp_path):
+    """ATTN="1 2 3" from an INIT with attention at 2 3 (the shipped pair): every run adds level 1 and keeps
+    the INIT's layers; soup0 averages INIT as the same net with a zero level-1 layer."""
+    out, work, init, _ = _dry_run(tmp_path, ("--attention", "2", "3"), ATTN="1 2 3", MIX="0.8")
+    for n in ("base", "soup0", "soup", "fp", "twin"):
+        assert load_checkpoint(work / f"{n}.pt")["models"]["denoiser"]["config"]["attention"] == [1, 2, 3], n
+    assert load_checkpoint(out / "default.pt")["models"]["denoiser"]["config"]["attention"] == [1, 2, 3]
+    base, soup0, ini = _weights(work / "base.pt"), _weights(work / "soup0.pt"), _weights(init)
+    assert any(".2.qkv." in k for k in ini)  # the INIT's own attention layers
+    for k, v in soup0.items():
+        if not v.is_floating_point():
+            continue
+        want = (0.5 * base[k] + 0.5 * ini[k] if k in ini else 0.5 * base[k] if ".proj." in k else base[k])
+        torch.testing.assert_close(v, want, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.slow
