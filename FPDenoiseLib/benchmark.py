@@ -82,7 +82,7 @@ LEARNED_METHODS = ("ours", "mse_only", "drunet")
 #: Column order of the tables: the paper's (Our, DPIR, Bilat., Filt. Comb., Gaus., Mean, Medi.,
 #: NL Mean., Wave., Wien.) with our MSE-only twin next to ours, BM3D after DPIR, "noisy" last.
 METHOD_ORDER = (
-    "ours", "mse_only", "ct_texture", "drunet", "bm3d", "bilateral", "filter_combination", "gaussian", "mean",
+    "ours", "auto", "mse_only", "ct_texture", "drunet", "bm3d", "bilateral", "filter_combination", "gaussian", "mean",
     "median", "nlmeans", "wavelet", "wiener", "noisy",
 )
 #: Slice size the wall times are scaled to.
@@ -94,7 +94,7 @@ RESULT_FIELDS = (
 _KEY_FIELDS = ("source", "slice_index", "noise", "level", "method")
 _FIGURE_METHODS = ("ours", "drunet", "wavelet", "filter_combination")
 _LABELS = {
-    "ours": "Ours (FP loss)", "mse_only": "MSE-only", "drunet": "DRUNet*", "bm3d": "BM3D",
+    "ours": "Ours (FP loss)", "auto": "Auto (per volume)", "mse_only": "MSE-only", "drunet": "DRUNet*", "bm3d": "BM3D",
     "bilateral": "Bilat.", "filter_combination": "Filt. Comb.", "gaussian": "Gaus. Filt.",
     "mean": "Mean Filt.", "median": "Medi. Filt.", "nlmeans": "NL Mean.", "wavelet": "Wave. Den.",
     "wiener": "Wien. Filt.", "noisy": "Noisy input",
@@ -302,6 +302,11 @@ class _Method:
     name: str
     run: Callable[[np.ndarray], np.ndarray]
     info: dict
+    # the run also takes the BenchImage (its units and modality): the product's per-volume choice ("auto")
+    per_image: Callable[[np.ndarray, Any], np.ndarray] | None = None
+
+    def on(self, noisy: np.ndarray, im: Any) -> np.ndarray:
+        return self.per_image(noisy, im) if self.per_image is not None else self.run(noisy)
 
 
 def _checkpoint_method_name(spec: str) -> tuple[str | None, Path]:
@@ -321,6 +326,17 @@ def _infer_name(training: dict, path: Path) -> str:
     if str(training.get("loss") or "") == "mse":
         return "mse_only"
     return name or path.stem
+
+
+def _auto_method(auto: Any) -> _Method:
+    """What ``--model auto`` (the GUIs' and the command line's start) gives: per image, the model
+    ``auto.choose`` picks from the noisy image in its own units and modality, on the same normalised input."""
+    def per_image(noisy: np.ndarray, im: Any) -> np.ndarray:
+        chosen, _ = auto.choose(original_units(im, noisy), modality=im.modality)
+        return chosen.denoise_normalized(noisy)
+
+    info = {**_learned_method("auto", auto).info, "choice": "per image: default, ct_texture or gaussian_ct"}
+    return _Method("auto", auto.denoise_normalized, info, per_image=per_image)
 
 
 def _learned_method(name: str, denoiser: Any) -> _Method:
@@ -458,11 +474,11 @@ def _load_methods(
     in table order, a runner per method, and the network whose restoration net scores features for
     every method (ours; None without one).
     """
-    from .inference import AUTO_MODEL, Denoiser, companion_models, resolve_model
+    from .inference import AUTO_MODEL, Denoiser, companion_models, default_model_path, resolve_model
 
-    if str(model or "").strip() == AUTO_MODEL:  # the benchmark compares fixed models on normalised slices
-        raise InputError("--model auto picks a model per CT volume; benchmark the models it picks from "
-                         "(default; --noises ct_correlated adds ct_texture)")
+    if str(model or "").strip() == AUTO_MODEL:  # one checkpoint per column; auto is a column of its own
+        raise InputError("--model auto picks a model per CT volume; it is the benchmark's 'auto' column "
+                         "(with the shipped default as --model: --methods ours auto ...)")
     known = set(LEARNED_METHODS) | set(BASELINES) | {"noisy"}
     learned: dict[str, Any] = {}
     ours_path = resolve_model(model)
@@ -485,8 +501,17 @@ def _load_methods(
             raise InputError(f"{path}: 'ours' is the --model checkpoint; name baseline models mse_only/drunet")
         learned[name] = den
         known.add(name)
+    # the product's starting choice, per CT volume among the shipped models: with the shipped default as ours
+    auto_ok = ("ours" in learned and learned["ours"].checkpoint_path.resolve() == default_model_path().resolve()
+               and {"ct_texture", "gaussian_ct"} <= set(companion_models(ours_path)))
+    if auto_ok:
+        known.add("auto")
+    elif methods is not None and "auto" in methods:
+        raise InputError("method 'auto' is the per-volume choice among the shipped models: it needs the shipped "
+                         "default as --model (and the shipped CT models beside it)")
     if methods is None:
-        methods = [m for m in learned if m != "ours" or want_ours] + list(BASELINES) + ["noisy"]
+        methods = [m for m in learned if m != "ours" or want_ours] + (["auto"] if auto_ok else []) + \
+            list(BASELINES) + ["noisy"]
     for m in methods:
         if m not in known:
             raise InputError(f"method {m!r}: unknown; choose from {', '.join(_order(known))}")
@@ -500,6 +525,8 @@ def _load_methods(
     for m in methods:
         if m == "noisy":
             run_methods[m] = _Method("noisy", lambda x: np.array(x, dtype=np.float32), {"params": "identity"})
+        elif m == "auto":
+            run_methods[m] = _auto_method(Denoiser(AUTO_MODEL, device=device))
         elif m in learned:
             run_methods[m] = _learned_method(m, learned[m])
         else:
@@ -616,7 +643,7 @@ def _run_group(
     outs, secs = [], []
     for m in todo:
         t0 = time.perf_counter()
-        den = np.asarray(run_methods[m].run(noisy), dtype=np.float32)
+        den = np.asarray(run_methods[m].on(noisy, im), dtype=np.float32)
         secs.append(time.perf_counter() - t0)
         if den.shape != im.clean.shape or not np.isfinite(den).all():
             raise InputError(f"{im.source}[{im.index}]: method {m} returned shape {den.shape} or non-finite values")

@@ -382,7 +382,8 @@ def _add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"noise types (default the paper's {len(PAPER_NOISE_NAMES)}: {' '.join(PAPER_NOISE_NAMES)}; "
                    "ct_correlated is also available)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                   help="methods (default: ours, given baseline models, " + ", ".join(BASELINES) + ", noisy)")
+                   help="methods (default: ours, given baseline models, auto with the shipped default, "
+                        + ", ".join(BASELINES) + ", noisy)")
     p.add_argument("--levels", nargs="+", type=float, default=[DEFAULT_LEVEL], metavar="LEVEL",
                    help=f"noise severities in [0, 1] (default {DEFAULT_LEVEL})")
     p.add_argument("--max-images", type=int, default=20, help="number of clean test slices (default 20; 0 = all)")

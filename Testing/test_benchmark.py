@@ -241,6 +241,32 @@ def test_shipped_twin_is_the_default_mse_only_baseline():
     # the CT scanner-noise model joins where its noise type is benchmarked, next to the twin
     learned, methods, _, _ = _load_methods(None, [], None, "cpu", ("gaussian", "ct_correlated"))
     assert learned["ct_texture"].checkpoint_path.name == "fpdenoise_ct_texture.pt"
-    assert methods[:3] == ["ours", "mse_only", "ct_texture"]
+    assert methods[:4] == ["ours", "auto", "mse_only", "ct_texture"]  # auto: the product's per-volume choice
     assert "ct_texture" not in _load_methods(None, [], None, "cpu", ("gaussian",))[0]
     assert "ct_texture" not in _load_methods(default_twin_path(), [], None, "cpu", ("ct_correlated",))[0]
+
+
+def test_auto_column_is_the_products_per_volume_choice(tmp_path):
+    """``auto`` runs what ``--model auto`` (the GUIs' start) picks for each image: on a real CT slice with
+    white Gaussian noise the white-noise CT model (better than the default), on Rician noise the default
+    itself (the same figures as ours). It needs the shipped default as ours."""
+    import shutil
+
+    from FPDenoiseLib.inference import resources_dir
+
+    data = tmp_path / "ct"
+    data.mkdir()
+    shutil.copy(resources_dir() / "TestData" / "real_ct_lung1_slice.nrrd", data / "lung.nrrd")
+    out = tmp_path / "out"
+    assert cli_main(["benchmark", "--data", str(data), "--out", str(out), "--methods", "ours", "auto", "noisy",
+                     "--noises", "gaussian", "rician", "--levels", "0.5", "--device", "cpu", "--no-progress",
+                     "--no-figures"]) == 0
+    rows = {(r["noise"], r["method"]): r for r in read_results(out / "results.csv")}
+    assert rows[("rician", "auto")]["psnr_db"] == rows[("rician", "ours")]["psnr_db"]
+    assert rows[("gaussian", "auto")]["psnr_db"] > rows[("gaussian", "ours")]["psnr_db"] + 0.2, rows
+    assert json.loads((out / "run.json").read_text())["methods"]["auto"]["choice"].startswith("per image")
+    with pytest.raises(InputError, match="needs the shipped default"):
+        from FPDenoiseLib.benchmark import _load_methods
+        from FPDenoiseLib.inference import default_twin_path
+
+        _load_methods(default_twin_path(), [], ["ours", "auto"], "cpu")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 PSNR_CAP_DB = 100.0  # an exactly restored slice: the benchmark's own cap
-LEARNED = ("ours", "mse_only", "ct_texture", "drunet")
+LEARNED = ("ours", "auto", "mse_only", "ct_texture", "drunet")
 
 
 @dataclass
