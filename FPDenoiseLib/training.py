@@ -145,8 +145,8 @@ def _adds_attention(a: dict, b: dict) -> bool:
     have, want = set(a.get("attention", ())), set(b.get("attention", ()))
     if a.get("arch") != "resunet" or not have < want:
         return False
-    strip = lambda c: {k: v for k, v in c.items() if k != "attention"}  # noqa: E731
-    return _same_weights(strip(a), strip(b))
+    return _same_weights({k: v for k, v in a.items() if k != "attention"},
+                         {k: v for k, v in b.items() if k != "attention"})
 
 
 def _widens(a: dict, b: dict) -> bool:
