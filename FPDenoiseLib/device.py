@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 from .errors import FPDenoiseError
@@ -43,12 +45,19 @@ def pick_device(name: str | torch.device | None = "auto") -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether ``device`` runs bfloat16 natively (CPU: oneDNN's AVX512-BF16 / AMX check)."""
+    """Whether ``device`` runs bfloat16 natively: CUDA's check; on x86 CPUs the AVX512-BF16 or AMX
+    instructions; on other CPUs oneDNN's check.
+
+    oneDNN's own check also says yes on AVX512 CPUs without bf16 instructions (Skylake / Cascade Lake
+    Xeons), where it emulates bf16 and the default ``--precision auto`` would gain nothing.
+    """
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device.type == "cpu":
         try:
+            if platform.machine().lower() in ("x86_64", "amd64", "x86", "i386", "i686"):
+                return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        except (AttributeError, RuntimeError):  # an older torch, or a build without oneDNN: float32
             return False
     return False

@@ -192,6 +192,22 @@ def test_bf16_precision_matches_float32_where_the_cpu_has_bf16(shipped, real_sli
     assert np.array_equal(zero.denoise_array(noisy, modality="CT"), noisy)
 
 
+def test_auto_precision_is_float32_where_bf16_would_be_emulated(monkeypatch):
+    """An x86 CPU without bf16 instructions (AVX512 Skylake / Cascade Lake, which oneDNN still calls
+    bf16-capable, or AVX2 only) runs float32 by default and refuses an explicit bf16."""
+    import platform
+
+    from FPDenoiseLib.errors import InputError
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the instruction check is for x86 CPUs")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert Denoiser(device="cpu").precision == "fp32"
+    with pytest.raises(InputError, match="no native bfloat16"):
+        Denoiser(device="cpu", precision="bf16")
+
+
 @pytest.fixture(scope="module")
 def ct_texture() -> Denoiser:
     return Denoiser("ct_texture", device="cpu")
