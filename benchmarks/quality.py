@@ -163,24 +163,24 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    args.precision = ours.precision  # what --precision auto, the default, resolved to here
-    md = render(rows, args, slices)
+    md = render(rows, args, slices, ours.precision)
     with atomic_path(out / "quality.md") as tmp:
         Path(tmp).write_text(md)
     with atomic_path(out / "run.json") as tmp:
         Path(tmp).write_text(json.dumps({"model": args.model, "twin": str(beside["mse_twin"]) if "mse_twin" in nets else None,
                                          "data": args.data, "slices": [s for s, _ in slices], "seed": args.seed,
-                                         "classical_rows_from": args.reuse_classical, "precision": args.precision},
+                                         "classical_rows_from": args.reuse_classical, "precision": ours.precision},
                                         indent=1))
     print(md)
     return 0
 
 
-def render(rows: list[dict], args: argparse.Namespace, slices: list) -> str:
+def render(rows: list[dict], args: argparse.Namespace, slices: list, precision: str) -> str:
+    """The markdown tables; ``precision``: what --precision auto (the default) resolved to here."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lines = [f"# Quality on held-out real CT ({len(slices)} slices: {', '.join(s for s, _ in slices)})", "",
              "PSNR in dB (HU, data range = clean slice range), mean and 95 % CI over slices; "
-             "`benchmarks/quality.py` " + " ".join(sys.argv[1:]) + f"; learned models in {args.precision} "
+             "`benchmarks/quality.py` " + " ".join(sys.argv[1:]) + f"; learned models in {precision} "
              "(the default precision on this CPU)", ""]
     for metric, fmt in (("psnr", "{:.2f}"), ("ssim", "{:.4f}")):
         lines += [f"## {metric.upper()}", "", "| case | " + " | ".join(methods) + " |",

@@ -200,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         r = 1 if name in ("bm3d", "nlmeans") else max(reps, 3)
         rates[name] = 1.0 / timeit(lambda fn=fn: fn(noisy), r, warmup=0 if name == "bm3d" else 1)
 
-    def fwd(net: torch.nn.Module) -> Callable[[], object]:
+    def fwd(net: torch.nn.Module, bf16: bool = False) -> Callable[[], object]:
         def run() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 net(x)
             sync(dev)
         return run
@@ -210,13 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     rates["ours (denoiser)"] = 1.0 / timeit(fwd(d), max(reps, 3))
     bf16 = bf16_supported(dev) and getattr(d, "config", {}).get("arch") == "resunet"
     if bf16:  # what Denoiser(precision="auto"), the default, runs here
-
-        def fwd_bf16() -> None:
-            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
-                d(x)
-            sync(dev)
-
-        rates["ours (denoiser, bf16)"] = 1.0 / timeit(fwd_bf16, max(reps, 3))
+        rates["ours (denoiser, bf16)"] = 1.0 / timeit(fwd(d, bf16=True), max(reps, 3))
     cfg = TrainConfig(arch="drunet")
     torch.manual_seed(0)
     dr = build_model(cfg.model_config("denoiser")).eval().to(dev)
