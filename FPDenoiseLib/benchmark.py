@@ -526,7 +526,7 @@ def _load_methods(
         if m == "noisy":
             run_methods[m] = _Method("noisy", lambda x: np.array(x, dtype=np.float32), {"params": "identity"})
         elif m == "auto":
-            run_methods[m] = _auto_method(Denoiser(AUTO_MODEL, device=device))
+            run_methods[m] = _auto_method(learned["ours"].as_auto())  # the same nets: loaded once
         elif m in learned:
             run_methods[m] = _learned_method(m, learned[m])
         else:

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from collections.abc import Callable
@@ -173,6 +174,12 @@ class DenoiseResult:
     saliency_output: object | None
     fp_score: float | None  # Pearson correlation of GB(denoised) with GB(input)
     feature_change: object | None = None
+    model: str | None = None  # the model that denoised it (with "auto": the one chosen for this image)
+    note: str | None = None  # the choice's one-line note (Denoiser.choose), if any
+
+
+def _auto_label(name: str) -> str:
+    return f"auto ({name}, or per CT the CT scanner-noise or the white-noise CT model)"
 
 
 def _check_array(array: np.ndarray) -> np.ndarray:
@@ -259,8 +266,7 @@ class Denoiser:
         self.name = shipped_name(self.checkpoint_path) or self.ckpt.get("training", {}).get("name") or (
             self.checkpoint_path.stem)
         # what a run report names: with "auto", the model per item is in the item (batch.ItemResult.model)
-        self.label = (f"auto ({self.name}, or per CT the CT scanner-noise or the white-noise CT model)" if self.auto
-                      else self.name)
+        self.label = _auto_label(self.name) if self.auto else self.name
         # the feature the model was trained to preserve; older checkpoints get the current default
         self.readout = self.ckpt.get("training", {}).get("readout") or DEFAULT_READOUT
 
@@ -355,7 +361,8 @@ class Denoiser:
         A ``Denoiser("auto")`` hands a CT that :meth:`model_hint` would point to the CT scanner-noise model over
         to that model, and a CT with white noise of one level everywhere (Gaussian; see
         :data:`WHITE_NOISE_AGREEMENT`) to the white-noise CT model (same device, strength and ensemble), and
-        says so; any other input, and any other model, stays with this one, whose note is :meth:`model_hint`.
+        says so; any other input stays with the default (a fixed copy of this denoiser that shares its nets and
+        does not choose again). Any other model stays itself, with :meth:`model_hint` as its note.
         """
         if not self.auto:
             return self, self.model_hint(array, modality=modality)
@@ -363,14 +370,14 @@ class Denoiser:
         found = self._ct_noise(array, modality, probe)
         if found is not None:
             ct = self._companion("ct_texture")
-            ct.strength = self.strength
+            ct.strength, ct.ensemble = self.strength, self.ensemble
             return ct, (f"auto: the CT scanner-noise model, which removes {found[1]:.0f} HU of noise here where "
                         f"the default removes {found[0]:.0f} HU (the noise is correlated like a CT scanner's own)")
         white = self._white_noise(array, modality, probe)
         if white is None:
-            return self, None
+            return self._fixed(), None
         g = self._companion("gaussian_ct")
-        g.strength = self.strength
+        g.strength, g.ensemble = self.strength, self.ensemble
         return g, (f"auto: the white-noise CT model (the noise here is white, {white:.0f} HU, the same in dark "
                    "and bright tissue)")
 
@@ -441,6 +448,21 @@ class Denoiser:
                 return None
         return hu
 
+    def _fixed(self) -> Denoiser:
+        """This ``auto`` denoiser as its own model, fixed (shares the loaded nets; settings copied at call):
+        what :meth:`choose` returns where it keeps this model, so running it does not choose again."""
+        fixed = copy.copy(self)
+        fixed.auto, fixed.label = False, self.name
+        return fixed
+
+    def as_auto(self) -> Denoiser:
+        """This shipped default as ``Denoiser("auto")`` (sharing the loaded nets, so nothing loads twice)."""
+        if self.checkpoint_path.resolve() != default_model_path().resolve():
+            raise InputError(f"{self.checkpoint_path}: only the shipped default chooses per volume ('auto')")
+        auto = copy.copy(self)
+        auto.auto, auto.label = True, _auto_label(self.name)
+        return auto
+
     def _companion(self, name: str) -> Denoiser | None:
         """The shipped model ``name`` with this one's settings (cached), or None where it is not installed."""
         cache = self.__dict__.setdefault("_companions", {})
@@ -467,9 +489,14 @@ class Denoiser:
 
         With ``feature_change=True`` a fourth array follows: ``|GB(denoised) - GB(input)|`` of the
         signed maps (needs ``saliency`` and ``denoise``). The denoised array has the input's shape,
-        dtype and units; saliency maps are float32.
+        dtype and units; saliency maps are float32. A ``Denoiser("auto")`` denoises with the model
+        :meth:`choose` picks for ``array``, as the command line and the GUIs do.
         """
         a = _check_array(array)
+        if self.auto and denoise:
+            chosen, _ = self.choose(a, modality=modality)
+            return chosen.process(a, modality=modality, saliency=saliency, denoise=denoise, progress=progress,
+                                  feature_change=feature_change)
         norm = self.normalizer(a, modality)
         stack = a[None] if a.ndim == 2 else a
         n, h, w = stack.shape
@@ -527,15 +554,21 @@ class Denoiser:
         return self.process(array, modality=modality, saliency=True, denoise=False, progress=progress)[1]
 
     def run(self, image, *, saliency: bool = True, progress: ProgressCallback | None = None) -> DenoiseResult:
-        """Denoise an :class:`~FPDenoiseLib.io.Image`; outputs keep its geometry and units."""
+        """Denoise an :class:`~FPDenoiseLib.io.Image`; outputs keep its geometry and units.
+
+        A ``Denoiser("auto")`` first picks the model for this image (:meth:`choose`); the result names it.
+        """
         from .metrics import feature_preservation
 
+        if self.auto:
+            chosen, note = self.choose(image.array, modality=image.modality)
+            return replace(chosen.run(image, saliency=saliency, progress=progress), note=note)
         den, s_in, s_out, change = self.process(
             image.array, modality=image.modality, saliency=saliency, progress=progress, feature_change=True
         )
         out = replace(image, array=den, dicom_headers=image.dicom_headers)
         if not saliency:
-            return DenoiseResult(out, None, None, None)
+            return DenoiseResult(out, None, None, None, model=self.name)
         sal_kw = {"modality": "OT"}
         return DenoiseResult(
             denoised=out,
@@ -543,4 +576,5 @@ class Denoiser:
             saliency_output=replace(image, array=s_out, **sal_kw),
             fp_score=float(feature_preservation(s_in, s_out)),
             feature_change=replace(image, array=change, **sal_kw),
+            model=self.name,
         )

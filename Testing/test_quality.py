@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from FPDenoiseLib import baselines
+from FPDenoiseLib.errors import InputError
 from FPDenoiseLib.inference import Denoiser, default_model_path, resources_dir
 from FPDenoiseLib.intensity import Normalizer
 from FPDenoiseLib.io import read_image
@@ -272,8 +273,15 @@ def test_a_noisy_ct_through_the_default_points_to_the_ct_model(shipped, ct_textu
     auto = Denoiser("auto", device="cpu", strength=0.75)
     den, note = auto.choose(noisy_hu, modality="CT")
     assert den.checkpoint_path.name == "fpdenoise_ct_texture.pt" and den.strength == 0.75 and note.startswith("auto:")
+    # the Python API's run() makes the same choice and names it
+    from FPDenoiseLib.io import Image
+
+    res = auto.run(Image(noisy_hu[None].astype(np.float32), modality="CT", is_2d=True), saliency=False)
+    assert (res.model, res.note) == ("ct_texture", note)
+    np.testing.assert_array_equal(res.denoised.array[0], den.denoise_array(noisy_hu, modality="CT"))
     for arr, modality in ((real_slice, "CT"), (noisy_hu, "MR")):
-        assert auto.choose(arr, modality=modality) == (auto, None)
+        kept, note = auto.choose(arr, modality=modality)
+        assert _keeps_default(auto, kept) and kept.strength == 0.75 and note is None
     # white noise of that level: the white-noise CT model (test below), at the same strength
     den, note = auto.choose(white, modality="CT")
     assert den.checkpoint_path.name == "fpdenoise_gaussian_ct.pt" and den.strength == 0.75 and note.startswith("auto:")
@@ -333,17 +341,34 @@ def test_auto_sends_white_noise_ct_to_the_white_noise_model_and_nothing_else(aut
         noisy = (real_slice + rng.normal(0, pct / 100 * span, real_slice.shape)).astype(np.float32)
         chosen, note = auto.choose(noisy, modality="CT")
         assert chosen.checkpoint_path.name == GAUSSIAN_CT_NAME and "white-noise CT model" in note, note
-        ours = psnr(real_slice, auto.denoise_array(noisy, modality="CT"), data_range=span)
+        default, note = auto.choose(noisy, modality="MR")
+        assert _keeps_default(auto, default) and note is None
+        ours = psnr(real_slice, default.denoise_array(noisy, modality="CT"), data_range=span)
         theirs = psnr(real_slice, chosen.denoise_array(noisy, modality="CT"), data_range=span)
         assert theirs > ours + 0.05, (pct, ours, theirs)
-        assert auto.choose(noisy, modality="MR")[0] is auto
+        # the auto denoiser itself runs its choice, as the command line does
+        assert psnr(real_slice, auto.denoise_array(noisy, modality="CT"), data_range=span) == theirs
     for name in ("poisson", "speckle", "rician", "thermal", "structured"):
         noisy = norm.inverse(add_noise(norm.forward(real_slice), name, level=0.5, seed=3))
-        assert auto.choose(noisy, modality="CT") == (auto, None), name
+        default, note = auto.choose(noisy, modality="CT")
+        assert _keeps_default(auto, default) and note is None, name
     # white noise past the white-noise model's training range (WHITE_NOISE_MAX_HU) stays with the default
     heavy = (real_slice + rng.normal(0, 0.15 * span, real_slice.shape)).astype(np.float32)
-    assert auto.choose(heavy, modality="CT") == (auto, None)
-    assert auto.choose(real_slice, modality="CT") == (auto, None)
+    default, note = auto.choose(heavy, modality="CT")
+    assert _keeps_default(auto, default) and note is None
+    np.testing.assert_array_equal(auto.denoise_array(heavy, modality="CT"), default.denoise_array(heavy, modality="CT"))
+    default, note = auto.choose(real_slice, modality="CT")
+    assert _keeps_default(auto, default) and note is None
+    # the benchmark's auto column: the loaded default as auto, its nets shared; only the default chooses
+    shared = default.as_auto()
+    assert shared.auto and shared.model is auto.model and shared.label == auto.label
+    with pytest.raises(InputError, match="only the shipped default"):
+        chosen.as_auto()
+
+
+def _keeps_default(auto, chosen) -> bool:
+    """``chosen`` is ``auto``'s own model, fixed: it shares the nets and does not choose again."""
+    return chosen is not auto and not chosen.auto and chosen.model is auto.model and chosen.label == chosen.name
 
 
 def test_white_noise_ct_model_leaves_a_clean_slice_alone(real_slice):

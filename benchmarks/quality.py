@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             if auto is not None:
                 t0 = time.perf_counter()
                 chosen = auto.choose(noisy, modality="CT")[0]
-                picked = "ours" if chosen is auto else shipped_name(chosen.checkpoint_path)
+                picked = "ours" if chosen.model is auto.model else shipped_name(chosen.checkpoint_path)
                 outs["auto"] = (outs[picked][0], outs[picked][1] + time.perf_counter() - t0)
             if case != "clean":
                 sig_n = None if sigma is None else sigma / (norm.hi - norm.lo)

@@ -159,7 +159,7 @@ def auto_picks(vols: dict[str, np.ndarray], nets: dict) -> dict[str, str]:
     picks = {}
     for name, vol in vols.items():
         chosen = auto.choose(vol, modality="CT")[0]
-        picks[name] = "ours" if chosen is auto else shipped_name(chosen.checkpoint_path)
+        picks[name] = "ours" if chosen.model is auto.model else shipped_name(chosen.checkpoint_path)
     return picks
 
 
