@@ -29,6 +29,10 @@ def test_ct_texture_case_and_model_join_the_table(tmp_path):
     # "auto" (the GUIs' starting choice) is the CT model's output on the texture, the default's on clean input
     assert got[("ctcorr", "auto")] == got[("ctcorr", "ct_texture")] != got[("ctcorr", "ours")]
     assert got[("clean", "auto")] == got[("clean", "ours")] != got[("clean", "ct_texture")]
+    # auto_x2: the same choice through the ensemble (the CT model's own 2 passes on the texture)
+    assert got[("clean", "auto_x2")] == got[("clean", "ours_x2")]
+    assert got[("ctcorr", "auto_x2")] not in (got[("ctcorr", "ct_texture")], got[("ctcorr", "ours_x2")])
+    assert abs(got[("ctcorr", "auto_x2")] - got[("ctcorr", "ct_texture")]) < 1.0
     md = (out / "quality.md").read_text()
     assert "| ctcorr |" in md and "| ct_texture |" in md  # its own row in the clean-input table too
     # the same seed draws the same texture
