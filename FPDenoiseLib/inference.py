@@ -6,9 +6,9 @@ Values come back in the input's units and dtype (CT stays in HU, integer types a
 clipped to their range), and ``run`` keeps the geometry of an :class:`~FPDenoiseLib.io.Image`.
 
 Example:
-    >>> den = Denoiser()                                   # shipped default model, auto device
-    >>> out = den.denoise_array(ct_hu_volume, modality="CT")  # same shape/dtype, HU
-    >>> res = den.run(read_image("chest.nrrd"))            # DenoiseResult with saliency maps
+    >>> den = Denoiser("auto")       # the per-volume model choice of the CLI and GUIs; auto device  # doctest: +SKIP
+    >>> out = den.denoise_array(ct_hu_volume, modality="CT")  # same shape/dtype, HU  # doctest: +SKIP
+    >>> res = den.run(read_image("chest.nrrd"))            # DenoiseResult with saliency maps  # doctest: +SKIP
 """
 
 from __future__ import annotations

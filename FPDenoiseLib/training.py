@@ -43,6 +43,7 @@ from .models import (
     ResUNet,
     attention_prefixes,
     build_model,
+    grow_attention,
     local_noise_map,
     weight_config,
     widen_resunet,
@@ -150,10 +151,14 @@ def _adds_attention(a: dict, b: dict) -> bool:
 
 
 def _widens(a: dict, b: dict) -> bool:
-    """``b`` is resunet ``a`` with at least as many channels per level (and no other weight change)."""
+    """``b`` is resunet ``a`` with at least as many channels per level, maybe attention at more levels,
+    and no other weight change."""
     if a.get("arch") != "resunet" or b.get("arch") != "resunet" or len(a["channels"]) != len(b["channels"]):
         return False
-    return _same_weights({**a, "channels": b["channels"]}, b) and all(
+    if not set(a.get("attention", ())) <= set(b.get("attention", ())):
+        return False
+    return _same_weights({**a, "channels": b["channels"], "attention": b.get("attention", [])},
+                         {**b, "attention": b.get("attention", [])}) and all(
         x <= y for x, y in zip(a["channels"], b["channels"])  # noqa: B905
     )
 
@@ -562,7 +567,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress_lines: bool = Fals
         # the settings that own no weights follow the command line, as on the same-shape path
         want = cfg.model_config("denoiser")
         small.config = {**weight_config(small.config), **{k: want[k] for k in WEIGHTLESS_KEYS if k in want}}
-        D = widen_resunet(small, want["channels"], seed=cfg.seed + 1)
+        try:
+            D = widen_resunet(small, want["channels"], seed=cfg.seed + 1)
+        except ValueError as err:
+            raise CheckpointError(f"{cfg.init}: {err}") from None
+        extra = set(want.get("attention", ())) - set(small.config.get("attention", ()))
+        if extra:  # levels the init has no attention at: added after the growth, output unchanged
+            D = grow_attention(D, sorted(extra))
     else:
         if cfg.stage == "estimator":
             raise CheckpointError("stage 'estimator' trains the noise estimator of a trained denoiser: pass --init CKPT")

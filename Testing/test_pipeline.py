@@ -526,6 +526,45 @@ def test_widening_a_resunet_keeps_its_output_and_then_trains_the_new_channels(tm
     assert float(drift) < float(b4.head.weight.detach().abs().max())
 
 
+def test_widening_a_resunet_with_attention_keeps_its_heads(tmp_path):
+    """A net with attention grows too (the shipped pair has it): each old head stays a head of the same size
+    reading the old channels, the output moves only by the attention norm's wider statistics, and
+    --init --base-channels --attention grows the width and adds levels in one run. Widths that would
+    change a head's size are refused."""
+    from FPDenoiseLib.models import ResUNet, WindowAttention, widen_resunet
+
+    torch.manual_seed(0)
+    small = ResUNet(channels=(24, 48, 96, 192), blocks=1, attention=[2, 3]).eval()
+    for p in small.parameters():
+        p.data.normal_(0, 0.05)  # zero-init projections and tail would make any widening look exact
+    big = widen_resunet(small, (30, 60, 120, 240)).eval()
+    a, b = small.encoders[2][-1], big.encoders[2][-1]
+    assert (a.heads, b.heads) == (4, 5) and isinstance(b, WindowAttention)
+    for k in range(3):  # q, k, v of the old heads: the same weights, reading the old channels only
+        assert torch.equal(b.qkv.weight[k * 120 : k * 120 + 96, :96], a.qkv.weight[k * 96 : (k + 1) * 96])
+        assert not b.qkv.weight[k * 120 : k * 120 + 96, 96:].any()
+    x = torch.rand(2, 1, 64, 48)
+    with torch.no_grad():
+        ref, out = small(x), big(x)
+    change = float((ref - x).abs().max())
+    assert change > 1e-2 and float((out - ref).abs().max()) < 0.05 * change, (change, float((out - ref).abs().max()))
+    with pytest.raises(ValueError, match="heads of 24 channels"):
+        widen_resunet(small, (32, 64, 128, 256))  # 128 would be 4 heads of 32
+    assert ResUNet(channels=(32, 64, 128, 256), attention=[2]).encoders[2][-1].heads == 4  # a new net of that width
+
+    kw = dict(arch="resunet", loss="mse", restoration_steps=3, val_every=6, ckpt_every=6,
+              noises=["gaussian"], level_range=(0.0, 0.8))
+    base = train(_cfg(tmp_path, out=str(tmp_path / "b24.pt"), steps=4, base_channels=24, attention=[2, 3], **kw))
+    wide = load_checkpoint(train(_cfg(tmp_path, out=str(tmp_path / "b30.pt"), init=str(base), base_channels=30,
+                                      attention=[1, 2, 3], steps=4, stage="denoiser", **kw)))
+    cfg = wide["models"]["denoiser"]["config"]
+    assert cfg["channels"] == [30, 60, 120, 240] and cfg["attention"] == [1, 2, 3]
+    with pytest.raises(CheckpointError, match="multiples of 24"):
+        train(_cfg(tmp_path, out=str(tmp_path / "b32.pt"), init=str(base), base_channels=32, attention=[2, 3],
+                   steps=4, stage="denoiser", **kw))
+    assert not (tmp_path / "b32.pt").exists()
+
+
 def test_window_attention_tiles_the_map_and_starts_as_the_identity():
     from FPDenoiseLib.models import WindowAttention
 
@@ -562,15 +601,13 @@ def test_attention_grown_from_a_trained_resunet_and_trained_alone(tmp_path, caps
     """--attention with an --init that has none adds zero-initialised attention layers (the init's output
     at step 0); --trainable attention trains them alone, every other weight stays bit-identical; guided
     backpropagation still gives a non-zero, finite map through them."""
-    from FPDenoiseLib.models import ResUNet, build_model, widen_resunet
+    from FPDenoiseLib.models import ResUNet, build_model
     from FPDenoiseLib.xai import guided_backprop
 
     plain = ResUNet(channels=(4, 8, 8), blocks=1)
     assert "attention" not in plain.config  # older checkpoints keep their config and hash
     with pytest.raises(ValueError, match="levels"):
         ResUNet(channels=(4, 8, 8), attention=[3])
-    with pytest.raises(ValueError, match="before adding attention"):
-        widen_resunet(ResUNet(channels=(4, 8), attention=[0]), (6, 12))
 
     kw = dict(arch="resunet", loss="mse", restoration_steps=3, val_every=6, ckpt_every=6,
               noises=["gaussian"], level_range=(0.0, 0.8), base_channels=24)

@@ -82,7 +82,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     ``OSError``s (disk full, no permission...) become :class:`OutputError`. An existing non-empty
     destination folder is replaced only when ``overwrite`` (old one removed after the swap).
 
-    >>> with atomic_path("out.nrrd") as tmp:
+    >>> with atomic_path("out.nrrd") as tmp:  # doctest: +SKIP
     ...     sitk.WriteImage(im, str(tmp))
     """
     path = Path(path)
