@@ -116,6 +116,18 @@ def test_gpu_chain_adds_attention_levels_to_an_init_that_has_some(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_chain_grows_the_width_of_an_init_with_attention(tmp_path):
+    """BASE wider than an INIT with attention (the shipped pair: 24 with layers at 2 3) and ATTN="1 2 3":
+    A grows the width with the INIT's heads kept and adds level 1; every run has the wider net."""
+    out, work, init, _ = _dry_run(tmp_path, ("--base-channels", "12", "--attention", "2", "3"), BASE="18",
+                                  ATTN="1 2 3", MIX="0.8")
+    for n in ("base", "soup0", "soup", "fp", "twin"):
+        cfg = load_checkpoint(work / f"{n}.pt")["models"]["denoiser"]["config"]
+        assert cfg["channels"] == [18, 36, 72, 144] and cfg["attention"] == [1, 2, 3], (n, cfg)
+    assert load_checkpoint(out / "default.pt")["models"]["denoiser"]["config"]["channels"][0] == 18
+
+
+@pytest.mark.slow
 def test_gpu_chain_with_attention(tmp_path):
     """ATTN="2 3": every run grows the attention layers; soup0 averages INIT as the same net with zero output
     projections (and base's q, k, v), and the candidates carry the layers."""
