@@ -36,14 +36,16 @@ class _GuidedReLUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        mask = x > 0
-        ctx.save_for_backward(mask)
-        return x * mask
+        out = torch.relu(x)
+        # the output, not a mask: the next layer keeps it for its own backward anyway (no extra memory)
+        ctx.save_for_backward(out)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return grad_out.clamp(min=0) * mask
+        (out,) = ctx.saved_tensors
+        # in place on clamp's fresh result (clamp keeps its input, not its result); same values as `* mask`
+        return grad_out.clamp(min=0).mul_(out > 0)
 
 
 class GuidedReLU(nn.Module):
