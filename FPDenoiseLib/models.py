@@ -760,7 +760,7 @@ def widen_resunet(src: ResUNet, channels: tuple[int, ...] | list[int], *, seed: 
         torch.manual_seed(seed)
         dst = ResUNet(**{**{k: v for k, v in src.config.items() if k != "arch"}, "channels": channels})
     src_mods = dict(src.named_modules())
-    attn = {name for name, m in dst.named_modules() if isinstance(m, WindowAttention)}
+    attn = [name for name, m in dst.named_modules() if isinstance(m, WindowAttention)]  # in order: one message
     for name in attn:
         a, b = src_mods[name], dict(dst.named_modules())[name]
         da, db = a.qkv.in_channels // a.heads, b.qkv.in_channels // b.heads
