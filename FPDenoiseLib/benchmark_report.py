@@ -149,7 +149,7 @@ def render_summary_md(res: dict, *, notes: Sequence[str] = ()) -> str:
     return "\n".join(L) + "\n"
 
 
-def _notes(feature_net: Any, learned: dict) -> list[str]:
+def _notes(feature_net: Any, learned: dict, feature_scores: bool = True) -> list[str]:
     notes = [
         "PSNR and SSIM are computed on the original intensity scale (HU for CT; file units otherwise) with "
         "data_range = max(clean) - min(clean) of each clean slice in those units.",
@@ -162,6 +162,8 @@ def _notes(feature_net: Any, learned: dict) -> list[str]:
             f"Feature score: one common feature extractor for every method, the restoration net f of "
             f"{feature_net.checkpoint_path.name} (ours); signed Guided-Backprop maps."
         )
+    elif not feature_scores:
+        notes.append("Feature score not computed: --no-feature-scores.")
     else:
         notes.append("Feature score not computed: no checkpoint with a restoration net was given (--model).")
     if "drunet" in learned:

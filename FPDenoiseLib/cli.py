@@ -318,6 +318,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         args.data, args.out, model=args.model, baseline_models=args.baseline_model, noises=args.noises,
         methods=args.methods, levels=args.levels, max_images=(args.max_images or None), seed=args.seed,
         device=args.device, resume=args.resume, progress=not args.no_progress, figures=not args.no_figures,
+        feature_scores=not args.no_feature_scores,
         protocol=args.protocol, protocol_train=args.protocol_train, protocol_test=args.protocol_test, size=args.size,
     )
     out = Path(summary["out"])
@@ -391,6 +392,9 @@ def _add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (networks only)")
     p.add_argument("--resume", action="store_true", help="skip rows already in OUT/results.csv")
     p.add_argument("--no-figures", action="store_true", help="do not write PNG figures")
+    p.add_argument("--no-feature-scores", action="store_true",
+                   help="skip the feature-preservation scores (two guided backpropagations per case, most of the "
+                        "time of a learned-methods-only run); the column is left empty (NaN)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--protocol", choices=("lidc", "rsna", "lits"), default=None,
                    help="--data is a LIDC-IDRI / RSNA Pneumonia / LiTS folder: use the paper's patient-split test slices")

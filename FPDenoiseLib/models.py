@@ -546,9 +546,12 @@ class ResUNet(nn.Module):
         estimator_global: bool = False,
         map_fit: bool = False,
         attention: tuple[int, ...] | list[int] = (),
+        map_gain: float = 1.0,
     ) -> None:
         super().__init__()
         channels = [int(c) for c in channels]
+        if not (math.isfinite(map_gain) and map_gain > 0):
+            raise ValueError(f"ResUNet map_gain must be > 0, got {map_gain}")
         attention = sorted({int(a) for a in attention})
         if any(not 0 <= a < len(channels) for a in attention):
             raise ValueError(f"ResUNet attention levels must be in 0..{len(channels) - 1}, got {attention}")
@@ -569,6 +572,10 @@ class ResUNet(nn.Module):
             self.config["map_fit"] = True
         if attention:  # likewise
             self.config["attention"] = attention
+        if map_gain != 1.0:  # likewise; a calibration set after training (scripts/calibrate_map_gain.py)
+            self.config["map_gain"] = float(map_gain)
+        # the estimated map is scaled by it before the net reads it; estimate_noise() stays the measurement
+        self.map_gain = float(map_gain)
         self.impulse_filter = bool(impulse_filter)
         self.residual_gate = float(residual_gate)
         self.unshuffle = unshuffle
@@ -626,7 +633,7 @@ class ResUNet(nn.Module):
         xp, (h, w) = _pad_to_multiple(x, self.multiple)
         est = self.estimator(xp) if (noise_map is None or return_map) else None
         if noise_map is None:
-            m = est
+            m = est if self.map_gain == 1.0 else est * self.map_gain
         else:
             m, _ = _pad_to_multiple(noise_map.expand_as(x), self.multiple)
             if teacher_mask is not None:
@@ -668,7 +675,7 @@ def _estimate_sigma(x: torch.Tensor) -> torch.Tensor:
 
 # config keys that own no weights: nets that differ only in these share one weight layout (an init,
 # a soup); the command line or the first checkpoint decides their values
-WEIGHTLESS_KEYS = ("residual_gate", "impulse_filter", "map_fit")
+WEIGHTLESS_KEYS = ("residual_gate", "impulse_filter", "map_fit", "map_gain")
 
 
 def weight_config(config: dict) -> dict:

@@ -270,3 +270,18 @@ def test_auto_column_is_the_products_per_volume_choice(tmp_path):
         from FPDenoiseLib.inference import default_twin_path
 
         _load_methods(default_twin_path(), [], ["ours", "auto"], "cpu")
+
+
+def test_no_feature_scores_leaves_the_column_empty_and_the_rest_as_it_was(setup, tmp_path):
+    """--no-feature-scores (fast grids, scripts/calibrate_map_gain.py): the same PSNR / SSIM rows, NaN scores,
+    and the summary says why."""
+    argv = [a if a != str(setup["out"]) else str(tmp_path / "nf") for a in setup["argv"]]
+    assert cli_main([*argv, "--no-feature-scores", "--no-figures"]) == 0
+    key = lambda r: (r["source"], r["slice_index"], r["noise"], r["method"])  # noqa: E731
+    full = {key(r): r for r in read_results(setup["out"] / "results.csv")}
+    fast = read_results(tmp_path / "nf" / "results.csv")
+    assert len(fast) == len(full)
+    for r in fast:
+        assert math.isnan(float(r["feature_score"])) and not math.isnan(float(full[key(r)]["feature_score"]))
+        assert float(r["psnr_db"]) == float(full[key(r)]["psnr_db"]) and float(r["ssim"]) == float(full[key(r)]["ssim"])
+    assert "--no-feature-scores" in (tmp_path / "nf" / "summary.md").read_text()

@@ -6,7 +6,8 @@ float16 halves the file; weights are converted back to float32 on load. The cont
 recomputed for the new file and the training record (incl. validation history) is kept.
 ``--map-fit`` and ``--residual-gate`` set what owns no weights: the denoiser's noise map fitted to
 the local intensity (``FPDenoiseLib.models.fit_noise_map``) and the gate of its correction,
-``tanh(gate * map)`` (larger: full correction at lower noise). ``--restoration-file NAME`` stores the
+``tanh(gate * map)`` (larger: full correction at lower noise); ``--map-gain`` the scale of the estimated
+noise map the net reads (a calibration: ``scripts/calibrate_map_gain.py``). ``--restoration-file NAME`` stores the
 restoration net f once, in the restoration-only checkpoint NAME next to DST, and DST refers to it by
 hash: the shipped models share one f (the FP feature), so it need not travel in each. An existing NAME
 is reused only if it holds the same f. ``--shipped`` sets all three as the shipped models have them
@@ -41,6 +42,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--map-fit", action="store_true", help="resunet: fit the noise map to the local intensity")
     ap.add_argument("--residual-gate", type=float, default=None, help="resunet: the gate of the correction")
+    ap.add_argument("--map-gain", type=float, default=None,
+                    help="resunet: scale of the estimated noise map the net reads (1 = as trained; "
+                         "scripts/calibrate_map_gain.py chooses it)")
     ap.add_argument("--restoration-file", default=None, metavar="NAME",
                     help="store f once in NAME next to DST (shared by the models exported with it)")
     ap.add_argument("--shipped", action="store_true",
@@ -55,8 +59,14 @@ def main() -> None:
             args.restoration_file = SHIPPED["restoration_file"]
     ck = load_checkpoint(args.src)
     cfg = ck["models"].get("denoiser", {}).get("config", {})  # a restoration-only checkpoint has none
-    if (args.map_fit or args.residual_gate is not None) and cfg.get("arch") != "resunet":
-        ap.error("--map-fit and --residual-gate need a resunet denoiser")
+    if (args.map_fit or args.residual_gate is not None or args.map_gain is not None) and cfg.get("arch") != "resunet":
+        ap.error("--map-fit, --residual-gate and --map-gain need a resunet denoiser")
+    if args.map_gain is not None:
+        if not args.map_gain > 0:
+            ap.error(f"--map-gain must be > 0, got {args.map_gain}")
+        cfg.pop("map_gain", None)
+        if args.map_gain != 1.0:  # 1 is the default: not stored, as in a freshly trained checkpoint
+            cfg["map_gain"] = float(args.map_gain)
     if args.map_fit:
         cfg["map_fit"] = True
     if args.residual_gate is not None:
@@ -66,7 +76,7 @@ def main() -> None:
     models = {name: model_from_checkpoint(ck, name) for name in ck["models"]}
     training = dict(ck.get("training", {}))
     training["exported_from"] = {"sha256": ck["sha256"], "dtype": args.dtype, "map_fit": args.map_fit,
-                                 "residual_gate": cfg.get("residual_gate")}
+                                 "residual_gate": cfg.get("residual_gate"), "map_gain": cfg.get("map_gain", 1.0)}
     dtype = torch.float16 if args.dtype == "float16" else None
     ref = None
     if args.restoration_file:
