@@ -525,6 +525,8 @@ class ResUNet(nn.Module):
     width, which is what keeps a 512x512 slice under 0.1 s on two CPU cores. ``attention`` lists
     levels (0 = the top) that get :class:`WindowAttention` after their blocks: 8x8 tiles (shifted by
     4 in the decoder), the bottom level over the whole map (experimental; 1.15x the time at 2, 3).
+    ``map_gain`` scales the estimated map the net reads (a calibration after training, 1 = as trained;
+    ``scripts/calibrate_map_gain.py``); a map passed in is used as it is.
 
     >>> net = ResUNet(channels=(4, 8, 8, 8), blocks=1)
     >>> net(torch.zeros(1, 1, 37, 50)).shape
