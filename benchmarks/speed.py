@@ -10,7 +10,8 @@ Prints, on one 512x512 slice (the same input for every method):
   3. the train-step time with the FP loss vs the MSE-only loss at the same batch size;
   4. before/after figures of the optimisations tried: autograd vs no_grad vs inference_mode,
      batch size, channels_last, thread count, batching the benchmark's GB maps (GB(clean) once), the
-     experimental attention layers (``--attention 2 3``);
+     experimental attention layers (``--attention 2 3``); with ``--widths 30 36``, section 4b times a wider
+     net (attention at 1 2 3) against this one, in bf16 and float32;
   5. time and peak resident memory (VmHWM and ru_maxrss) of a fresh subprocess that denoises a
      512x512xN int16 volume with Denoiser.denoise_array, at the default precision and in float32.
 Before/after pairs are timed alternately (A B A B ...) so load changes on a shared machine hit
@@ -177,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-patch", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="fewer repeats, 40-slice volume, skip bm3d/nlmeans repeats")
     ap.add_argument("--skip-volume", action="store_true")
+    ap.add_argument("--widths", type=int, nargs="*", default=[],
+                    help="also time a resunet of these base widths with attention at 1 2 3 against this one "
+                         "(section 4b; e.g. 30 36: the GPU chain's BASE)")
     args = ap.parse_args(argv)
     reps = 1 if args.quick else args.repeats
     vol_slices = 40 if args.quick else args.volume_slices
@@ -344,6 +348,31 @@ def main(argv: list[str] | None = None) -> int:
     ta, tb = ab(gb_pairs, gb_batched, 1 if args.quick else 2)
     print(f"  {'feature score GB: 12 pairs -> 1 batch of 13':44s} {ta * 1000:8.0f} ms | {tb * 1000:8.0f} ms  "
           f"({ta / tb:.2f}x, 256x256, per (slice, noise))")
+
+    # ---- 4b. what a wider net would cost (the GPU chain's BASE; random weights: speed does not depend on them)
+    if args.widths and getattr(d, "config", {}).get("arch") == "resunet":
+        print("\n## 4b. A wider net against this one (batch 1, channels-last, alternating timings, per slice)")
+        xc = x.contiguous(memory_format=torch.channels_last)
+        base = copy.deepcopy(d).eval().to(memory_format=torch.channels_last)
+        cands = {f"+ attention at 1 (base {d.config['channels'][0]})": sorted({1, *d.config.get("attention", ())})}
+        cands.update({f"base {w}, attention at 1 2 3": (w, [1, 2, 3]) for w in args.widths})
+        for label, spec in cands.items():
+            w, att = spec if isinstance(spec, tuple) else (d.config["channels"][0], spec)
+            torch.manual_seed(0)
+            wide = build_model({**d.config, "channels": [w * 2**i for i in range(len(d.config["channels"]))],
+                                "attention": att}).eval().to(dev).to(memory_format=torch.channels_last)
+            for prec in (("bf16", "fp32") if bf16 else ("fp32",)):
+                on = prec == "bf16"
+
+                def run(net: torch.nn.Module, on: bool = on) -> Callable[[], None]:
+                    def go() -> None:
+                        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on):
+                            net(xc)
+                        sync(dev)
+                    return go
+
+                ta, tb = ab(run(base), run(wide), max(reps, 3))
+                print(f"  {f'{label}, {prec}':44s} {ta * 1000:8.1f} ms | {tb * 1000:8.1f} ms  ({tb / ta:.2f}x the time)")
 
     # ---- 5. memory
     if not args.skip_volume:

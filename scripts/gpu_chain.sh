@@ -22,15 +22,17 @@
 # (widen_resunet: output unchanged, or within 5e-4 where INIT has attention, as the shipped pair has; its
 # heads of 24 channels stay, so BASE must keep the attention levels at multiples of 24: 30 or 36, not 32).
 # A 2000-step CPU test of the width (Gaussian specialists of the shipped twin, base 24 against 32,
-# 2026-11-28) gave 45.43 against 45.41 dB at 2 %: a wider net needs the GPU's steps. Forward cost in bf16 on
-# 2 cores (2026-11-28, seventh): base 30 with attention at 1 2 3 1.4x the shipped net, base 36 1.7x.
+# 2026-11-28) gave 45.43 against 45.41 dB at 2 %: a wider net needs the GPU's steps. Forward cost on 2 cores
+# (benchmarks/speed.py --widths 30 36, alternating): base 30 with attention at 1 2 3 1.53x the shipped net in
+# bf16 (102 ms, over the 100 ms target), base 36 1.94x; so BASE=24 unless the target moves.
 # ATTN="2 3" adds the self-attention layers to every run (grown from INIT with its output unchanged; soup0
 # averages INIT as the same net with zero layers). On the CPU (2026-11-28, third) this chain with them and
 # MIX=0.8 gave a pair above the shipped one on clean / 2 % / 5 % / Poisson; on the device: ATTN="2 3" MIX=0.8.
 # The shipped pair has them now; ATTN="1 2 3" adds window attention at level 1 to it the same way (its own
-# layers kept). Level 1 costs nothing measurable in bf16 (70 against 72 ms per slice) and, in a CPU
-# distillation of the white-noise CT model into the default (2026-11-28, sixth), gave +0.05 dB at 2 % over
-# the same run without it; level 0 would cost 1.7x (121 ms).
+# layers kept). Level 1 costs 1.19x in bf16 and 1.17x in float32 (alternating timings, benchmarks/speed.py
+# --widths, section 4b; an earlier non-alternating reading said nothing) and, in a CPU distillation of the
+# white-noise CT model into the default (2026-11-28, sixth), gave +0.05 dB at 2 % over the same run without
+# it; level 0 would cost 1.7x (121 ms).
 # Results in $OUT (float16; they share the restoration net in fpdenoise_restoration.pt, which travels with
 # them): default.pt and mse_twin.pt (the candidate pair, exported as shipped), fp.pt, twin.pt, soup.pt,
 # base.pt and logs.tgz. Compare on the held-out set (benchmarks/quality.py, fpdenoise benchmark) before
