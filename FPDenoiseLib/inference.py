@@ -178,10 +178,6 @@ class DenoiseResult:
     note: str | None = None  # the choice's one-line note (Denoiser.choose), if any
 
 
-def _auto_label(name: str) -> str:
-    return f"auto ({name}, or per CT the CT scanner-noise or the white-noise CT model)"
-
-
 def _check_array(array: np.ndarray) -> np.ndarray:
     a = np.asarray(array)
     if a.ndim not in (2, 3):
@@ -265,10 +261,14 @@ class Denoiser:
         # a shipped model goes by the name users pick it by (output descriptions, node attributes, summaries)
         self.name = shipped_name(self.checkpoint_path) or self.ckpt.get("training", {}).get("name") or (
             self.checkpoint_path.stem)
-        # what a run report names: with "auto", the model per item is in the item (batch.ItemResult.model)
-        self.label = _auto_label(self.name) if self.auto else self.name
         # the feature the model was trained to preserve; older checkpoints get the current default
         self.readout = self.ckpt.get("training", {}).get("readout") or DEFAULT_READOUT
+
+    @property
+    def label(self) -> str:
+        """What a run report names: with "auto", the model per item is in the item (batch.ItemResult.model)."""
+        return (f"auto ({self.name}, or per CT the CT scanner-noise or the white-noise CT model)" if self.auto
+                else self.name)
 
     # ---- normalised-range API (benchmark, training validation) ----
     def _batches(self, n: int, h: int, w: int) -> list[slice]:
@@ -448,20 +448,22 @@ class Denoiser:
                 return None
         return hu
 
+    def _with_auto(self, auto: bool) -> Denoiser:
+        """A copy that shares the loaded nets (settings copied at call), choosing per volume or not."""
+        other = copy.copy(self)
+        other.auto = auto
+        return other
+
     def _fixed(self) -> Denoiser:
-        """This ``auto`` denoiser as its own model, fixed (shares the loaded nets; settings copied at call):
-        what :meth:`choose` returns where it keeps this model, so running it does not choose again."""
-        fixed = copy.copy(self)
-        fixed.auto, fixed.label = False, self.name
-        return fixed
+        """This ``auto`` denoiser as its own model, fixed: what :meth:`choose` returns where it keeps this
+        model, so running it does not choose again."""
+        return self._with_auto(False)
 
     def as_auto(self) -> Denoiser:
         """This shipped default as ``Denoiser("auto")`` (sharing the loaded nets, so nothing loads twice)."""
         if self.checkpoint_path.resolve() != default_model_path().resolve():
             raise InputError(f"{self.checkpoint_path}: only the shipped default chooses per volume ('auto')")
-        auto = copy.copy(self)
-        auto.auto, auto.label = True, _auto_label(self.name)
-        return auto
+        return self._with_auto(True)
 
     def _companion(self, name: str) -> Denoiser | None:
         """The shipped model ``name`` with this one's settings (cached), or None where it is not installed."""

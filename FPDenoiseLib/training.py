@@ -141,13 +141,15 @@ def _same_weights(a: dict, b: dict) -> bool:
     return weight_config(a) == weight_config(b)
 
 
+def _without(config: dict, *keys: str) -> dict:
+    return {k: v for k, v in config.items() if k not in keys}
+
+
 def _adds_attention(a: dict, b: dict) -> bool:
     """``b`` is resunet ``a`` with attention layers added (at levels ``a`` has none)."""
     have, want = set(a.get("attention", ())), set(b.get("attention", ()))
-    if a.get("arch") != "resunet" or not have < want:
-        return False
-    return _same_weights({k: v for k, v in a.items() if k != "attention"},
-                         {k: v for k, v in b.items() if k != "attention"})
+    return a.get("arch") == "resunet" and have < want and _same_weights(_without(a, "attention"),
+                                                                          _without(b, "attention"))
 
 
 def _widens(a: dict, b: dict) -> bool:
@@ -155,12 +157,9 @@ def _widens(a: dict, b: dict) -> bool:
     and no other weight change."""
     if a.get("arch") != "resunet" or b.get("arch") != "resunet" or len(a["channels"]) != len(b["channels"]):
         return False
-    if not set(a.get("attention", ())) <= set(b.get("attention", ())):
-        return False
-    return _same_weights({**a, "channels": b["channels"], "attention": b.get("attention", [])},
-                         {**b, "attention": b.get("attention", [])}) and all(
-        x <= y for x, y in zip(a["channels"], b["channels"])  # noqa: B905
-    )
+    return (set(a.get("attention", ())) <= set(b.get("attention", ()))
+            and _same_weights(_without(a, "channels", "attention"), _without(b, "channels", "attention"))
+            and all(x <= y for x, y in zip(a["channels"], b["channels"])))  # noqa: B905
 
 
 # ---------------------------------------------------------------- distributed helpers

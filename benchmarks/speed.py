@@ -204,10 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         r = 1 if name in ("bm3d", "nlmeans") else max(reps, 3)
         rates[name] = 1.0 / timeit(lambda fn=fn: fn(noisy), r, warmup=0 if name == "bm3d" else 1)
 
-    def fwd(net: torch.nn.Module, bf16: bool = False) -> Callable[[], object]:
+    def fwd(net: torch.nn.Module, bf16: bool = False, inp: torch.Tensor | None = None) -> Callable[[], object]:
+        inp = x if inp is None else inp
+
         def run() -> None:
             with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                net(x)
+                net(inp)
             sync(dev)
         return run
 
@@ -354,24 +356,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\n## 4b. A wider net against this one (batch 1, channels-last, alternating timings, per slice)")
         xc = x.contiguous(memory_format=torch.channels_last)
         base = copy.deepcopy(d).eval().to(memory_format=torch.channels_last)
-        cands = {f"+ attention at 1 (base {d.config['channels'][0]})": sorted({1, *d.config.get("attention", ())})}
+        w0 = d.config["channels"][0]
+        cands = {f"+ attention at 1 (base {w0})": (w0, sorted({1, *d.config.get("attention", ())}))}
         cands.update({f"base {w}, attention at 1 2 3": (w, [1, 2, 3]) for w in args.widths})
-        for label, spec in cands.items():
-            w, att = spec if isinstance(spec, tuple) else (d.config["channels"][0], spec)
+        for label, (w, att) in cands.items():
             torch.manual_seed(0)
             wide = build_model({**d.config, "channels": [w * 2**i for i in range(len(d.config["channels"]))],
                                 "attention": att}).eval().to(dev).to(memory_format=torch.channels_last)
             for prec in (("bf16", "fp32") if bf16 else ("fp32",)):
                 on = prec == "bf16"
-
-                def run(net: torch.nn.Module, on: bool = on) -> Callable[[], None]:
-                    def go() -> None:
-                        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on):
-                            net(xc)
-                        sync(dev)
-                    return go
-
-                ta, tb = ab(run(base), run(wide), max(reps, 3))
+                ta, tb = ab(fwd(base, on, xc), fwd(wide, on, xc), max(reps, 3))
                 print(f"  {f'{label}, {prec}':44s} {ta * 1000:8.1f} ms | {tb * 1000:8.1f} ms  ({tb / ta:.2f}x the time)")
 
     # ---- 5. memory
