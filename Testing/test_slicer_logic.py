@@ -766,3 +766,27 @@ def test_automatic_model_choice_on_a_real_scene(logic):
             assert res["modelHint"].startswith("auto: the white-noise CT model"), res["modelHint"]
         else:
             assert res["modelHint"] is None
+
+
+def test_panel_builds_before_torch_is_installed():
+    """What the widget's setup() asks of the Logic (legend, model description, button states, the parameter
+    node's default) works without torch: on a fresh Slicer torch is installed only on the first Apply, with
+    consent, so building the panel must not import it (FPDenoiseLib.inference does)."""
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # import torch -> ImportError, as in a Slicer without PyTorch\n"
+        f"sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'FPDenoise')!r}]\n"
+        "import slicer\n"
+        "slicer.mrmlScene = slicer.vtkMRMLScene()\n"
+        "from FPDenoiseSlicerLib.logic import FPDenoiseMRMLLogic\n"
+        "from FPDenoiseLib.display import BACKGROUND_PERCENTILE\n"
+        "logic = FPDenoiseMRMLLogic()\n"
+        "assert 'percentile' in logic.legendText(BACKGROUND_PERCENTILE)\n"
+        "assert logic.modelDescription('auto').startswith('automatic')\n"
+        "assert logic.modelDescription('') == 'shipped default model (all noise types)'\n"
+        "assert logic.modelDescription('/x/m.pt') == '/x/m.pt'\n"
+        "assert logic.actionStates('', hasInput=True)['apply'] == (True, 'Apply')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

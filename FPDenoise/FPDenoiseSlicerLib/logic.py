@@ -206,9 +206,11 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
 
     @staticmethod
     def modelDescription(modelPath: str | os.PathLike | None) -> str:
-        """What the module shows as the model in use: a shipped model's role, or the checkpoint's path."""
-        from FPDenoiseLib.inference import MODEL_NAMES
+        """What the module shows as the model in use: a shipped model's role, or the checkpoint's path.
 
+        No torch import: the widget calls this while building its panel, before the dependencies are installed
+        (``FPDenoiseLib.inference`` imports torch). The role keys are ``inference.MODEL_NAMES`` (a static test
+        checks it)."""
         key = str(modelPath or "").strip() or "default"
         roles = {"default": "shipped default model (all noise types)",
                  "mse_twin": "shipped MSE-only twin (ablation)",
@@ -216,7 +218,7 @@ class FPDenoiseMRMLLogic(SliceDisplayMixin):
                  "gaussian_ct": "shipped white-noise CT model (CT only)",
                  "auto": "automatic: the default model, or the CT scanner-noise model for a CT whose correlated "
                          "noise the default keeps, or the white-noise CT model for a CT with white noise"}
-        return roles.get(key, f"shipped model {key}") if key in MODEL_NAMES else key
+        return roles.get(key, key)
 
     @staticmethod
     def sampleDataPath() -> Path:
