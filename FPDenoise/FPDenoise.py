@@ -172,7 +172,7 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.backgroundPercentileSlider.connect("valueChanged(double)", self.onBackgroundPercentileChanged)
         self.ui.sideBySideButton.connect("clicked(bool)", self.onSideBySideButton)
-        self.ui.rightOverlayComboBox.connect("currentIndexChanged(int)", lambda _: self.onSideBySideButton())
+        self.ui.rightOverlayComboBox.connect("currentIndexChanged(int)", self.onRightOverlayChanged)
         # Path fields are plain strings ("" = default model), synced by hand: the wrapper binds
         # ctkPathLineEdit only to pathlib.Path, where "" would read back as ".".
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
@@ -372,9 +372,16 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
+        # The combo box's choice, not p.rightOverlay: from the combo box's own signal (onRightOverlayChanged) this
+        # runs before the parameter node's slot, connected later by connectGui(), has stored the new choice.
+        choice = self.ui.rightOverlayComboBox.currentText
         # Without saliency the overlays are None: input | output, linked, no foreground.
-        right = p.featureChange if (p.rightOverlay == "feature change" and p.featureChange) else p.outputSaliency
+        right = p.featureChange if (choice == "feature change" and p.featureChange) else p.outputSaliency
         self.logic.showSideBySide(p.inputVolume, p.inputSaliency, p.outputVolume, right, p.overlayOpacity)
+
+    def onRightOverlayChanged(self, index: int) -> None:
+        if self._parameterNode is not None and self._parameterNode.outputVolume is not None:
+            self.onSideBySideButton()
 
     def onOpacityChanged(self, value: float) -> None:
         self.logic.setOverlayOpacity(value)

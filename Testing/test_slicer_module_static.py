@@ -256,3 +256,40 @@ def test_the_gui_front_ends_start_with_the_automatic_choice():
     assert parser.parse_args(["demo"]).model == "auto"
     assert parser.parse_args(["saliency", "a.nrrd", "b.nrrd"]).model is None
     assert parser.parse_args(["benchmark", "--data", "d", "--out", "o"]).model is None
+
+
+def test_slots_on_bound_widgets_do_not_read_the_parameter_they_change():
+    """A slot the widget connects in setup() runs before the parameter node's own slot on the same signal
+    (connectGui() connects later; Qt calls slots in connection order), so it must take the new value from the
+    signal or the widget, not from the parameter node, which still holds the previous one. Regression: choosing
+    the right view's overlay showed the previously chosen one."""
+    tree = ast.parse(SCRIPT.read_text())
+    bound = {}  # widget objectName -> parameter name
+    for name, w in _ui_widgets().items():
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[name] = prop.findtext("string")
+    methods = {f.name: f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "FPDenoiseWidget"
+               for f in c.body if isinstance(f, ast.FunctionDef)}
+    checked = 0
+    for call in ast.walk(methods["setup"]):
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "connect"):
+            continue
+        target = call.func.value
+        if not (isinstance(target, ast.Attribute) and target.attr in bound):
+            continue
+        slot = call.args[1]
+        assert isinstance(slot, ast.Attribute) and slot.attr in methods, (
+            f"{target.attr}: connect a method (its value argument), not {ast.unparse(slot)}")
+        reads, todo, seen = set(), [slot.attr], set()
+        while todo:  # the slot and the widget methods it calls
+            name = todo.pop()
+            seen.add(name)
+            for n in ast.walk(methods[name]):
+                if isinstance(n, ast.Attribute):
+                    reads.add(n.attr)
+                    if n.attr in methods and n.attr not in seen and ast.unparse(n.value) == "self":
+                        todo.append(n.attr)
+        assert bound[target.attr] not in reads, f"{slot.attr} reads the stale parameter {bound[target.attr]!r}"
+        checked += 1
+    assert checked >= 3  # opacity, background percentile, right overlay
