@@ -24,7 +24,7 @@ from FPDenoiseSlicerLib.logic import (
     missingDependencies,
 )
 from slicer import vtkMRMLScalarVolumeNode
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, Minimum, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -103,7 +103,8 @@ class FPDenoiseParameterNode:
     backgroundPercentile: Annotated[float, WithinRange(0.0, 95.0)] = BACKGROUND_PERCENTILE
     noiseName: Annotated[str, Choice(list(NOISE_NAMES))] = "gaussian"
     noiseLevel: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    noiseSeed: int = 0
+    # Minimum: without a bound the wrapper opens the spin box to -2**31, and the noise models refuse seeds < 0.
+    noiseSeed: Annotated[int, Minimum(0)] = 0
     trainStage: Annotated[str, Choice(["denoiser", "both"])] = "denoiser"
     trainSteps: Annotated[int, WithinRange(1, 1000000)] = 500
     trainNoises: str = "mix"  # space-separated noise names, or "mix"

@@ -293,3 +293,15 @@ def test_slots_on_bound_widgets_do_not_read_the_parameter_they_change():
         assert bound[target.attr] not in reads, f"{slot.attr} reads the stale parameter {bound[target.attr]!r}"
         checked += 1
     assert checked >= 3  # opacity, background percentile, right overlay
+
+
+def test_int_spin_boxes_are_bounded_below():
+    """The parameter node wrapper sets a QSpinBox's range from the field's WithinRange / Minimum, else to
+    [-2**31, 2**31 - 1]; every int the module binds (seed, steps) is refused below 0 by the library, so each
+    carries a bound. Regression: the noise seed box offered negative seeds, which failed on Add noise."""
+    fields = _parameter_fields()
+    spin = {w.findtext("property[@name='SlicerParameterName']/string")
+            for w in _ui_widgets().values() if w.get("class") == "QSpinBox"}
+    assert spin
+    for name in spin:
+        assert re.match(r"Annotated\[int, .*(WithinRange|Minimum)\(", fields[name]), (name, fields[name])
