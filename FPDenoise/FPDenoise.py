@@ -176,8 +176,13 @@ class FPDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.rightOverlayComboBox.connect("currentIndexChanged(int)", self.onRightOverlayChanged)
         # Path fields are plain strings ("" = default model), synced by hand: the wrapper binds
         # ctkPathLineEdit only to pathlib.Path, where "" would read back as ".".
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
-        self.ui.trainOutputPathLineEdit.connect("currentPathChanged(QString)", self.onTrainOutputPathChanged)
+        # Followed through the inner line edit's textChanged: ctkPathLineEdit emits currentPathChanged only for
+        # text its validator (built from nameFilters, here *.pt) accepts, never for "", "auto" or "ct_texture".
+        for pathEdit, slot in (
+            (self.ui.modelPathLineEdit, self.onModelPathChanged),
+            (self.ui.trainOutputPathLineEdit, self.onTrainOutputPathChanged),
+        ):
+            slicer.util.findChildren(pathEdit, className="QLineEdit")[0].connect("textChanged(QString)", slot)
 
         self._timer = qt.QTimer()
         self._timer.setInterval(200)

@@ -305,3 +305,14 @@ def test_int_spin_boxes_are_bounded_below():
     assert spin
     for name in spin:
         assert re.match(r"Annotated\[int, .*(WithinRange|Minimum)\(", fields[name]), (name, fields[name])
+
+
+def test_path_fields_follow_their_text():
+    """ctkPathLineEdit emits currentPathChanged only when its validator, built from nameFilters (*.pt here),
+    accepts the whole text (CTK ctkPathLineEdit::updateHasValidInput), so "" (the default model), "auto" or
+    "ct_texture" typed into the model field never reached the parameter node and Apply ran the previous model.
+    The widget follows the inner line edit's textChanged instead."""
+    text = SCRIPT.read_text()
+    assert "currentPathChanged" not in re.sub(r"#.*", "", text)
+    assert 'className="QLineEdit")[0].connect("textChanged(QString)", slot)' in text
+    assert 'self.ui.modelPathLineEdit.nameFilters = ["FPDenoise checkpoint (*.pt)"]' in text
