@@ -244,6 +244,8 @@ def denoise_item(
     den, note = denoiser.choose(image.array, modality=image.modality)
     if note:
         log(f"{output.name}: note: {note}")
+    elif getattr(denoiser, "auto", False):  # the user asked for a choice: say which model it made here too
+        log(f"{output.name}: auto: the default model ({den.name})")
     res = den.run(image, saliency=bool(saliency_dir), progress=progress)
     outputs: dict = {}
     if saliency_dir:

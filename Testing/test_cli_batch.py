@@ -240,6 +240,7 @@ def test_cli_model_auto_takes_the_ct_model_only_for_a_ct_scanner_noise(tmp_path,
                       "--summary-json", tmp_path / "s.json")
     assert rc == 0, err
     assert "corr.nrrd: note: auto: the CT scanner-noise model" in err and "white.nrrd: note" not in err, err
+    assert "white.nrrd: auto: the default model (default)" in err and "corr.nrrd: auto: the default" not in err, err
     assert "gauss.nrrd: note: auto: the white-noise CT model" in err, err
     for name, model in (("corr", "ct_texture"), ("white", "default"), ("gauss", "gaussian_ct")):
         src = read_image(tmp_path / "in" / f"{name}.nrrd")
