@@ -183,6 +183,64 @@ def test_multiframe_grayscale_dicom(tmp_path):
     assert img.spacing[2] == pytest.approx(2.0)
 
 
+def _enhanced_ct(path: Path, stored: np.ndarray, *, intercepts, shared_intercept=-1024.0) -> None:
+    """An Enhanced CT multi-frame file as modern scanners write it: RescaleSlope/Intercept, PixelSpacing
+    and ImagePositionPatient only in the (shared / per-frame) functional groups; frames stored top-down."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    nf, ny, nx = stored.shape
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2.1", generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality, ds.PatientID = "CT", "P1"
+    ds.SeriesInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.Rows, ds.Columns, ds.NumberOfFrames = ny, nx, nf
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    shared, pm, po, pvt = Dataset(), Dataset(), Dataset(), Dataset()
+    pm.PixelSpacing, pm.SliceThickness = ["0.5", "0.6"], "2.0"
+    po.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    pvt.RescaleSlope, pvt.RescaleIntercept, pvt.RescaleType = "1", str(shared_intercept), "HU"
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [pm], [po]
+    shared.PixelValueTransformationSequence = [pvt]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for k in range(nf):
+        item, pos = Dataset(), Dataset()
+        pos.ImagePositionPatient = [0, 0, -2.0 * k]  # top-down: read back in reverse frame order
+        item.PlanePositionSequence = [pos]
+        if intercepts[k] is not None:
+            own = Dataset()
+            own.RescaleSlope, own.RescaleIntercept = "1", str(intercepts[k])
+            item.PixelValueTransformationSequence = [own]
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_enhanced_multiframe_rescale_and_spacing_from_functional_groups(tmp_path):
+    stored = np.random.default_rng(4).integers(0, 2000, (3, 16, 16)).astype(np.uint16)
+    intercepts = [None, -1000.0, None]  # frame 2 overrides the shared -1024
+    _enhanced_ct(tmp_path / "enh.dcm", stored, intercepts=intercepts)
+    img = read_image(tmp_path / "enh.dcm")
+    hu = stored.astype(np.int32) + np.array([-1024, -1000, -1024])[:, None, None]
+    np.testing.assert_array_equal(img.array, hu[::-1])  # sorted bottom-up, each frame with its own rescale
+    assert img.array.dtype == np.int16 and img.modality == "CT"
+    assert img.spacing == pytest.approx((0.6, 0.5, 2.0))
+    # the derived series keeps the HU and the pixel spacing (no 1.0 mm "unknown spacing" on re-reading)
+    write_image(img, tmp_path / "out", like=img, description="denoised")
+    ds = read_dicom_dir(tmp_path / "out")
+    assert [float(v) for v in ds[0].PixelSpacing] == [0.5, 0.6]
+    back = read_image(tmp_path / "out")
+    np.testing.assert_array_equal(back.array, img.array)
+    assert back.spacing == pytest.approx(img.spacing)
+
+
 def test_series_choice_in_mixed_folder(tmp_path):
     hu1, g1 = write_ct_series(tmp_path / "mix", nz=3, seed=1, prefix="A")
     hu2, g2 = write_ct_series(tmp_path / "mix", nz=4, seed=2, prefix="B", study_uid=g1["study_uid"])

@@ -256,6 +256,37 @@ def _frame_geometry(ds, f: Path, n_frames: int):
     return positions, iop, ps, thick, ipp
 
 
+def _frame_rescale(ds, n_frames: int, f: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame ``(slopes, intercepts)`` of the Modality LUT: the file's RescaleSlope/Intercept, else
+    (enhanced CT/MR/PET multi-frame) the Pixel Value Transformation of each frame's functional groups,
+    per frame or shared."""
+
+    def pair(item) -> tuple[float, float] | None:
+        if item is None or ("RescaleSlope" not in item and "RescaleIntercept" not in item):
+            return None
+        try:
+            return float(getattr(item, "RescaleSlope", 1) or 1), float(getattr(item, "RescaleIntercept", 0) or 0)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"{f}: invalid RescaleSlope/RescaleIntercept ({_short(err)})") from err
+
+    def pvt(group) -> tuple[float, float] | None:
+        seq = getattr(group, "PixelValueTransformationSequence", None)
+        return pair(seq[0]) if seq else None
+
+    top = pair(ds)
+    if top is not None:
+        per = [top] * n_frames
+    else:
+        shared = getattr(ds, "SharedFunctionalGroupsSequence", None)
+        default = (pvt(shared[0]) if shared else None) or (1.0, 0.0)
+        groups = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
+        if groups and len(groups) == n_frames:
+            per = [pvt(g) or default for g in groups]
+        else:
+            per = [default] * n_frames
+    return np.array([p[0] for p in per]), np.array([p[1] for p in per])
+
+
 def _read_dicom_files(files: list[Path], where: Path) -> Image:
     slices = []  # (header, frames_array, positions, iop, ps, thick, ipp, slope, intercept)
     for f in files:
@@ -273,8 +304,7 @@ def _read_dicom_files(files: list[Path], where: Path) -> Image:
         arr = _pixels(ds, f)
         n = arr.shape[0]
         positions, iop, ps, thick, ipp = _frame_geometry(ds, f, n)
-        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-        inter = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        slope, inter = _frame_rescale(ds, n, f)
         if "PixelData" in ds:
             del ds.PixelData
         slices.append([ds, arr, positions, iop, ps, thick, ipp, slope, inter])
@@ -303,12 +333,11 @@ def _read_dicom_files(files: list[Path], where: Path) -> Image:
 
     if len(slices) == 1:
         ds, arr, positions, *_ = first
-        slope_i = np.full(arr.shape[0], first[7])
-        inter_i = np.full(arr.shape[0], first[8])
+        slope_i, inter_i = first[7], first[8]
         headers = [ds]
         if positions is not None and len(positions) == arr.shape[0] and arr.shape[0] > 1:
             order, dz, origin = _sort_positions(positions, nrm, where, [f"frame {i + 1}" for i in range(len(positions))])
-            arr = arr[order]
+            arr, slope_i, inter_i = arr[order], slope_i[order], inter_i[order]
         else:
             origin = first[6] if first[6] is not None else np.zeros(3)
             dz = thick
@@ -325,8 +354,8 @@ def _read_dicom_files(files: list[Path], where: Path) -> Image:
             order, dz, origin = _sort_positions([s[2][0] for s in slices], nrm, where, names)
         slices = [slices[i] for i in order]
         stack = np.concatenate([s[1] for s in slices], axis=0)
-        slope_i = np.array([s[7] for s in slices])
-        inter_i = np.array([s[8] for s in slices])
+        slope_i = np.concatenate([s[7] for s in slices])
+        inter_i = np.concatenate([s[8] for s in slices])
         headers = [s[0] for s in slices]
 
     array = _apply_rescale(stack, slope_i, inter_i)

@@ -238,13 +238,25 @@ def _set_geometry(ds, tmpl, image: Image, k: int, nz: int, has_plane: bool, path
             ds.SliceThickness = _ds(sz)
         if "SpacingBetweenSlices" in ds or nz > 1:
             ds.SpacingBetweenSlices = _ds(sz)
-    tmpl_ps = None if tmpl is None else _vec(tmpl, "PixelSpacing", 2, path)
+    tmpl_ps = None if tmpl is None else _template_pixel_spacing(tmpl, path)
     if tmpl is None or (tmpl_ps is not None and bool(np.all(tmpl_ps > 0))):
         ds.PixelSpacing = [_ds(sy), _ds(sx)]
     elif "ImagerPixelSpacing" in ds and "PixelSpacing" not in ds:
         ds.ImagerPixelSpacing = [_ds(sy), _ds(sx)]
     # else: the source's spacing was unknown (read as ImagerPixelSpacing or 1.0 mm): its tags are
     # kept as they were, so an assumption never becomes a calibration in a patient file
+
+
+def _template_pixel_spacing(tmpl, path: Path) -> np.ndarray | None:
+    """The template's PixelSpacing: top level, else (enhanced multi-frame) its Pixel Measures functional group."""
+    ps = _vec(tmpl, "PixelSpacing", 2, path)
+    for name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        if ps is not None:
+            break
+        groups = getattr(tmpl, name, None)
+        pm = getattr(groups[0], "PixelMeasuresSequence", None) if groups else None
+        ps = _vec(pm[0], "PixelSpacing", 2, path) if pm else None
+    return ps
 
 
 def _set_pixels(ds, plane: np.ndarray, photometric: str, bits_stored: int, pixrep: int, slope: str,
