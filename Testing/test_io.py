@@ -253,7 +253,7 @@ def test_series_choice_in_mixed_folder(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ volumes
-@pytest.mark.parametrize("ext", [".nrrd", ".nii", ".nii.gz", ".mha", ".mhd"])
+@pytest.mark.parametrize("ext", [".nrrd", ".nii", ".nii.gz", ".mha", ".mhd", ".nhdr"])
 @pytest.mark.parametrize("dtype", [np.int16, np.float32])
 def test_volume_round_trip(tmp_path, ext, dtype):
     rot = rotation(0.4, 0.1, -0.2)
@@ -267,7 +267,11 @@ def test_volume_round_trip(tmp_path, ext, dtype):
     assert_geometry(back, img.spacing, img.origin, img.direction, atol=1e-5)
     assert back.modality == ("OT" if ".nii" in ext else "CT")
     assert read_image(out, modality="CT").modality == "CT"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name] + (["vol.zraw"] if ext == ".mhd" else []))
+    # a detached header's data file gets its final name too (not a hidden temp name the header points to)
+    data = {".mhd": ["vol.zraw"], ".nhdr": ["vol.raw.gz"]}.get(ext, [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name] + data)
+    write_image(img, out)  # overwriting replaces both files, leaves nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name] + data)
 
 
 def test_2d_volume_formats_stay_2d(tmp_path):

@@ -148,7 +148,7 @@ def _write_sitk(image: Image, arr: np.ndarray, path: Path, overwrite: bool) -> N
         im.SetOrigin(tuple(float(s) for s in image.origin))
         im.SetDirection(d)
     im.SetMetaData("FPDenoise_modality", str(image.modality))
-    if _suffix(path) == ".mhd":
+    if _suffix(path) in (".mhd", ".nhdr"):  # detached header: the data file must get its final name too
         _write_mhd(im, path, overwrite, arr.nbytes)
         return
     with atomic_path(path, overwrite=overwrite) as tmp:
@@ -159,7 +159,8 @@ def _write_sitk(image: Image, arr: np.ndarray, path: Path, overwrite: bool) -> N
 
 
 def _write_mhd(im, path: Path, overwrite: bool, nbytes: int) -> None:
-    """.mhd + .raw: written with their final names into a temp folder, then moved (data file first)."""
+    """.mhd + .raw (or .nhdr + .raw.gz): written with their final names into a temp folder, then moved
+    (data file first, the header last)."""
     import SimpleITK as sitk
 
     if path.exists() and not overwrite:
@@ -169,7 +170,7 @@ def _write_mhd(im, path: Path, overwrite: bool, nbytes: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmpdir.mkdir()
         sitk.WriteImage(im, str(tmpdir / path.name), useCompression=True)
-        for f in sorted(tmpdir.iterdir(), key=lambda f: f.suffix.lower() == ".mhd"):
+        for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name):
             os.replace(f, path.parent / f.name)
     except OSError as err:
         raise _output_error(path, err) from err
