@@ -118,6 +118,12 @@ def test_float_saliency_as_dicom_rescaled_int16(ct_series, tmp_path):
     write_image(src.with_array(sal, modality="OT"), tmp_path / "sal", like=src, description="FPDenoise GB saliency")
     ds = read_dicom_dir(tmp_path / "sal")[0]
     assert ds.PixelRepresentation == 1 and float(ds.RescaleSlope) < 1e-6
+    # the CT's window (40/400 HU) would show the map as one flat grey; the map is not in HU either
+    assert "WindowCenter" not in ds and "WindowWidth" not in ds and ds.RescaleType != "HU"
+    # the denoised image itself (same units) keeps the template's window
+    write_image(src, tmp_path / "den", like=src, description="FPDenoise denoised")
+    den = read_dicom_dir(tmp_path / "den")[0]
+    assert den.WindowCenter == 40 and den.WindowWidth == 400 and den.RescaleType == "HU"
     back = read_image(tmp_path / "sal")
     assert back.array.dtype == np.float32
     np.testing.assert_allclose(back.array, sal, atol=float(ds.RescaleSlope))

@@ -11,7 +11,7 @@ from ..errors import OutputError
 from .atomic import atomic_path
 from .dicom_read import _flip_monochrome1, _monochrome1_range, _vec
 from .discovery import _looks_like_dicom
-from .image import Image
+from .image import Image, _norm_modality
 
 # SOP classes for DICOM written without a DICOM template
 _CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -39,6 +39,9 @@ _DROP_TAGS = (
     "BluePaletteColorLookupTableData", "PlanarConfiguration", "LossyImageCompressionRatio",
     "LossyImageCompressionMethod", "SourceImageSequence", "ModalityLUTSequence",
 )
+
+# display (VOI LUT) tags: meaningful only for values in the template's units
+_VOI_TAGS = ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOILUTFunction", "VOILUTSequence")
 
 
 def _ds(x: float) -> str:
@@ -169,6 +172,9 @@ def _write_dicom(image: Image, arr: np.ndarray, path: Path, *, like: Image | Non
             default_number = 1000
     else:
         default_number = 1
+    # a map of another quantity (saliency, feature change: modality "OT") on an image template: the
+    # template's window and rescale type describe its units (HU...) and would show the map as one grey
+    other_units = base is not None and image.modality != _norm_modality(str(getattr(base, "Modality", "") or "OT"))
     datasets = []
     for k in range(nz):
         tmpl = headers[k] if per_slice else base
@@ -183,6 +189,12 @@ def _write_dicom(image: Image, arr: np.ndarray, path: Path, *, like: Image | Non
         ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
         _set_geometry(ds, tmpl, image, k, nz, has_plane, path)
         _set_pixels(ds, stored[k], photometric, bits_stored, pixrep, slope, inter)
+        if other_units:
+            for name in _VOI_TAGS:
+                if name in ds:
+                    delattr(ds, name)
+            if "RescaleType" in ds:
+                ds.RescaleType = "US"  # unspecified
         datasets.append(ds)
     _save_series(datasets, path, overwrite, single_file)
 
