@@ -134,6 +134,14 @@ def cmd_denoise(args: argparse.Namespace) -> int:
             raise InputError(f"{inp}: no DICOM series with SeriesInstanceUID {args.series}")
         if not items or single_series:
             items = None  # one series (or nothing readable: read_image says precisely why)
+        elif _strip_ext(out.name) != out.name and not out.is_dir():
+            # OUT names a file: batch mode would make a folder of that name
+            if len(items) > 1:
+                raise InputError(f"{inp}: holds {len(items)} series/volumes but the output {out} is a file; "
+                                 "give an output folder (batch mode) or choose one series with --series UID")
+            inp = items[0].path  # the folder's one volume file (or its one series) into that file
+            args.series = items[0].series_uid
+            items = None
     if items is None:  # single input: output written at OUT itself (file or DICOM series folder)
         img = read_image(inp, series_uid=args.series)
         den = Denoiser(args.model, device=args.device, batch_size=args.batch_size, **_quality_kwargs(args))

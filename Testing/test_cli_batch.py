@@ -189,6 +189,23 @@ def test_batch_series_filter_and_unknown_uid(tmp_path, ckpt, capsys):
     assert rc == 2 and err.count("\n") == 1 and "1.2.3.4" in err and not (tmp_path / "none").exists()
 
 
+def test_folder_into_a_file_name(tmp_path, ckpt, capsys):
+    """OUT with a file extension is never turned into a batch folder of that name: a folder holding one
+    volume is denoised into that file; one holding several series is refused (nothing written)."""
+    (tmp_path / "one").mkdir()
+    vol = sitk.GetImageFromArray(np.random.default_rng(7).integers(0, 3000, (2, 24, 24)).astype(np.int16))
+    sitk.WriteImage(vol, str(tmp_path / "one" / "v.nrrd"))
+    rc, stdout, err = _run(capsys, "denoise", tmp_path / "one", tmp_path / "o.nrrd", "--model", ckpt,
+                           "--device", "cpu", "--progress-lines")
+    assert rc == 0 and (tmp_path / "o.nrrd").is_file(), err
+    assert read_image(tmp_path / "o.nrrd").array.shape == (2, 24, 24)
+    write_ct_series(tmp_path / "two", nz=2, ny=24, nx=24, seed=1, prefix="A")
+    write_ct_series(tmp_path / "two", nz=2, ny=24, nx=24, seed=2, prefix="B")
+    rc, _, err = _run(capsys, "denoise", tmp_path / "two", tmp_path / "t.nrrd", "--model", ckpt, "--device", "cpu")
+    assert rc == 2 and err.count("\n") == 1 and "2 series/volumes" in err and "--series" in err, err
+    assert not (tmp_path / "t.nrrd").exists()
+
+
 def test_single_file_behaviour_unchanged(tmp_path, ckpt, capsys):
     vol = sitk.GetImageFromArray(np.random.default_rng(6).integers(0, 3000, (2, 24, 24)).astype(np.int16))
     sitk.WriteImage(vol, str(tmp_path / "v.nrrd"))
