@@ -92,6 +92,18 @@ def _check_out_format(out: Path) -> None:
                          ".png, .tif, .dcm or a folder for a DICOM series)")
 
 
+def _check_saliency_dir(out: Path, saliency_dir: str | None) -> None:
+    """A DICOM series folder holds only its slices: refuse maps inside it before any work is done."""
+    from .io import _suffix
+
+    if saliency_dir and (_suffix(out) == "" or out.is_dir()):
+        sal = Path(saliency_dir).resolve()
+        target = out.resolve()
+        if sal == target or target in sal.parents:
+            raise OutputError(f"{saliency_dir}: --saliency-dir is inside the DICOM output folder {out}, which "
+                              "holds only the series' files; choose a folder beside it")
+
+
 def _progress_factory(args: argparse.Namespace):
     return lambda desc: _progress_cb(desc, args.progress_lines)
 
@@ -143,6 +155,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
             args.series = items[0].series_uid
             items = None
     if items is None:  # single input: output written at OUT itself (file or DICOM series folder)
+        _check_saliency_dir(out, args.saliency_dir)
         img = read_image(inp, series_uid=args.series)
         den = Denoiser(args.model, device=args.device, batch_size=args.batch_size, **_quality_kwargs(args))
         result = _denoise_one(den, img, out, args, "denoise")

@@ -206,6 +206,20 @@ def test_folder_into_a_file_name(tmp_path, ckpt, capsys):
     assert not (tmp_path / "t.nrrd").exists()
 
 
+def test_saliency_dir_inside_the_dicom_output_is_refused_first(tmp_path, ckpt, capsys):
+    """The derived series folder holds only its slices: maps inside it used to be written, then the
+    series refused ("non-DICOM content") after all the work; now refused up front, nothing written."""
+    write_ct_series(tmp_path / "ct", nz=2, ny=24, nx=24)
+    for sal in (tmp_path / "den" / "maps", tmp_path / "den"):
+        rc, _, err = _run(capsys, "denoise", tmp_path / "ct", tmp_path / "den", "--saliency-dir", sal,
+                          "--model", ckpt, "--device", "cpu", "--progress-lines")
+        assert rc == 2 and err.count("\n") == 1 and "--saliency-dir" in err, err
+        assert not (tmp_path / "den").exists()
+    rc, _, err = _run(capsys, "denoise", tmp_path / "ct", tmp_path / "den", "--saliency-dir", tmp_path / "maps",
+                      "--model", ckpt, "--device", "cpu", "--progress-lines")
+    assert rc == 0 and len(read_dicom_dir(tmp_path / "den")) == 2, err
+
+
 def test_single_file_behaviour_unchanged(tmp_path, ckpt, capsys):
     vol = sitk.GetImageFromArray(np.random.default_rng(6).integers(0, 3000, (2, 24, 24)).astype(np.int16))
     sitk.WriteImage(vol, str(tmp_path / "v.nrrd"))
