@@ -247,6 +247,29 @@ def test_enhanced_multiframe_rescale_and_spacing_from_functional_groups(tmp_path
     assert back.spacing == pytest.approx(img.spacing)
 
 
+def test_dicom_without_preamble_and_meta_header(ct_series, tmp_path):
+    """Bare data sets (no 128-byte preamble, no DICM, no meta header; implicit VR), named without a
+    suffix as older scanners and some PACS exports write them: found in a folder and read like any DICOM."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    folder, hu, g = ct_series
+    (tmp_path / "bare").mkdir()
+    for i, f in enumerate(sorted(folder.iterdir())):
+        ds = pydicom.dcmread(f)
+        del ds.file_meta
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, True
+        write_dataset(buf, ds)
+        (tmp_path / "bare" / f"I{i:04d}").write_bytes(buf.getvalue())
+    img = read_image(tmp_path / "bare")
+    np.testing.assert_array_equal(img.array, hu)
+    assert_geometry(img, g["spacing"], g["origin"], g["direction"])
+    one = read_image(tmp_path / "bare" / "I0000")
+    assert one.is_2d and one.array.dtype == np.int16
+    assert [s.uid for s in find_series(tmp_path / "bare")] == [g["series_uid"]]
+
+
 def test_series_choice_in_mixed_folder(tmp_path):
     hu1, g1 = write_ct_series(tmp_path / "mix", nz=3, seed=1, prefix="A")
     hu2, g2 = write_ct_series(tmp_path / "mix", nz=4, seed=2, prefix="B", study_uid=g1["study_uid"])

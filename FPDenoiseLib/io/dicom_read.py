@@ -150,9 +150,21 @@ def _dcmread(f: Path):
     import pydicom
 
     try:
-        return pydicom.dcmread(f, force=True)
+        ds = pydicom.dcmread(f, force=True)
     except Exception as err:
         raise InputError(f"{f}: corrupt or truncated DICOM ({_short(err)})") from err
+    if not getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None):
+        # no meta header (a bare data set): the pixel decoder needs the encoding the file was read with
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        enc = getattr(ds, "original_encoding", None)
+        implicit, little = enc if enc and enc[0] is not None else (ds.is_implicit_VR, ds.is_little_endian)
+        if getattr(ds, "file_meta", None) is None:
+            ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
 
 
 def _vec(ds, name, n, f, default=None):

@@ -33,7 +33,8 @@ class SeriesInfo:
         d = f" '{self.description}'" if self.description else ""
         return f"{self.uid} ({self.modality or '?'}{d}, {self.n_files} file(s) in {self.folder})"
 def _looks_like_dicom(path: Path) -> bool:
-    """Cheap content test: 'DICM' at byte 128, or a .dcm-like suffix (files without preamble)."""
+    """Cheap content test: 'DICM' at byte 128, a .dcm-like suffix, or a data set without preamble and
+    meta header (older scanners and some PACS exports: the file starts with a group 0002/0008 tag)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
@@ -41,7 +42,15 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
     if len(head) == 132 and head[128:132] == b"DICM":
         return True
-    return _suffix(path) in DICOM_EXTENSIONS
+    if _suffix(path) in DICOM_EXTENSIONS:
+        return True
+    if len(head) >= 8:
+        group, elem = int.from_bytes(head[0:2], "little"), int.from_bytes(head[2:4], "little")
+        if group in (0x0002, 0x0008) and elem < 0x0100:
+            vr = head[4:6]
+            explicit = vr.isalpha() and vr.isupper()
+            return explicit or int.from_bytes(head[4:8], "little") < (1 << 16)  # implicit VR: a sane length
+    return False
 
 
 def _read_series_header(path: Path):
