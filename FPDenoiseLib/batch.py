@@ -6,7 +6,8 @@ browser viewer (``python -m FPDenoiseLib.cli denoise IN OUT --saliency-dir D --s
 
 * :func:`discover` finds every DICOM series (by SeriesInstanceUID) and volume/raster file below a
   folder, outside the output folder, and names each output: ``<PatientID>_<SeriesNumber>_<uid hash>``
-  for a series (:func:`series_output_name`), the relative path joined by ``_`` for a file.
+  for a series (:func:`series_output_name`), the relative path joined by ``_`` for a file (with a hash of
+  that path when it was shortened to 40 characters or two inputs would share the name).
 * :func:`denoise_item` writes one input's maps first and its denoised output LAST (atomically), so the
   existence of the output means the item is complete: :func:`denoise_batch` skips items whose output
   exists (resume) and never stops at a bad item.
@@ -75,8 +76,11 @@ def split_ext(name: str) -> tuple[str, str]:
 
 def safe_name(text: str, default: str) -> str:
     """A file-name-safe form of ``text`` (letters, digits, ``._+-``), at most 40 characters."""
-    text = re.sub(r"[^A-Za-z0-9._+-]+", "-", text.strip()).strip("-._")
-    return text[:40] or default
+    return _sanitize(text)[:40] or default
+
+
+def _sanitize(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text.strip()).strip("-._")
 
 
 def series_output_name(info) -> str:
@@ -131,13 +135,30 @@ def discover(root: Path, out_dir: Path, series_uid: str | None = None) -> list[B
             items.append(BatchItem(label, s.folder, s.uid, series_output_name(s)))
     if series_uid is not None:
         return items
+    files = []
     for p in find_images(root):
         ext = _suffix(p)
         if p.is_file() and ext in VOLUME_EXTENSIONS + RASTER_EXTENSIONS and outside(p):
             rel = p.relative_to(root)
             stem = "_".join((*rel.parts[:-1], rel.name[: len(rel.name) - len(ext)]))
-            items.append(BatchItem(str(p), p, None, safe_name(stem, "image") + ext))
+            name = safe_name(stem, "image")
+            if len(_sanitize(stem)) > 40:  # shortened: other files may share the prefix
+                name = _with_hash(name[:31], rel)
+            files.append([p, rel, name, ext])
+    # different inputs never share an output (the second would be "skipped" as done): a/b.nrrd vs a_b.nrrd
+    seen: dict[str, int] = {}
+    for f in files:
+        seen[(f[2] + f[3]).lower()] = seen.get((f[2] + f[3]).lower(), 0) + 1
+    for p, rel, name, ext in files:
+        if seen[(name + ext).lower()] > 1:
+            name = _with_hash(name, rel)
+        items.append(BatchItem(str(p), p, None, name + ext))
     return items
+
+
+def _with_hash(name: str, rel: Path) -> str:
+    """``name`` made unique by 8 hex digits of SHA-1 of the input's path relative to the batch root."""
+    return f"{name}_{hashlib.sha1(rel.as_posix().encode()).hexdigest()[:8]}"
 
 
 # ---------------------------------------------------------------- results

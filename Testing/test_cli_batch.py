@@ -220,6 +220,25 @@ def test_saliency_dir_inside_the_dicom_output_is_refused_first(tmp_path, ckpt, c
     assert rc == 0 and len(read_dicom_dir(tmp_path / "den")) == 2, err
 
 
+def test_batch_output_names_never_shared(tmp_path, ckpt, capsys):
+    """Two inputs never map to one output name (the second was "skipped (output exists)" and never
+    denoised): long names sharing the first 40 characters, and a/b.nrrd beside a_b.nrrd."""
+    root = tmp_path / "vols"
+    (root / "a").mkdir(parents=True)
+    rng = np.random.default_rng(8)
+    names = ["patient_0001_ct_abdomen_portal_venous_phase_1.nrrd", "patient_0001_ct_abdomen_portal_venous_phase_2.nrrd",
+             "a/b.nrrd", "a_b.nrrd", "plain.nrrd"]
+    for n in names:
+        sitk.WriteImage(sitk.GetImageFromArray(rng.integers(0, 3000, (1, 16, 16)).astype(np.int16)), str(root / n))
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "denoise", root, out, "--model", ckpt, "--device", "cpu", "--progress-lines")
+    assert rc == 0 and "5 done, 0 skipped" in err, err
+    got = sorted(p.name for p in out.iterdir())
+    assert len(got) == 5 and "plain.nrrd" in got, got  # a unique, short name is kept as it was
+    rc, _, err = _run(capsys, "denoise", root, out, "--model", ckpt, "--device", "cpu", "--progress-lines")
+    assert rc == 0 and "0 done, 5 skipped" in err, err  # stable names: resumable
+
+
 def test_single_file_behaviour_unchanged(tmp_path, ckpt, capsys):
     vol = sitk.GetImageFromArray(np.random.default_rng(6).integers(0, 3000, (2, 24, 24)).astype(np.int16))
     sitk.WriteImage(vol, str(tmp_path / "v.nrrd"))
