@@ -230,6 +230,37 @@ def _augment(p: np.ndarray, rot: int, flip: int) -> np.ndarray:
     return np.rot90(p, int(rot)) if rot else p
 
 
+def intensity_augment(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    gamma: tuple[float, float] = (0.5, 2.0),
+    invert_prob: float = 0.3,
+    scale: tuple[float, float] = (0.7, 1.15),
+) -> np.ndarray:
+    """A clean image (normalised units, float32) under a random monotone change of contrast.
+
+    Clean anatomy stays clean under any smooth change of its grey levels, but a noise estimator trained on a
+    few patients' contrasts learns those contrasts: the shipped estimator read 5-10 % noise on clean T1 brains
+    it had not seen (bright white matter at the top of the range), where the two training MRs are darker. This
+    draws a gamma (log-uniform in ``gamma``) of the image over its 99.5th percentile, with ``invert_prob`` a
+    reversed contrast inside the object (T1 versus T2: pixels above 5 % of the percentile, air stays dark),
+    and a brightness ``scale``. Noise is added after it, so a noise map's target is unchanged in meaning.
+
+    >>> rng = np.random.default_rng(0)
+    >>> img = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    >>> out = intensity_augment(img, rng)
+    >>> out.shape, out.dtype, bool(out.min() >= 0)
+    ((8, 8), dtype('float32'), True)
+    """
+    c = np.clip(np.asarray(image, dtype=np.float32), 0, None)
+    hi = max(float(np.percentile(c, 99.5)), 1e-3)
+    u = np.clip(c / hi, 0, 1.5) ** float(np.exp(rng.uniform(np.log(gamma[0]), np.log(gamma[1]))))
+    if rng.random() < invert_prob:
+        u = np.where(u > 0.05, np.clip(1.05 - u, 0, None), u)
+    return (u * hi * rng.uniform(*scale)).astype(np.float32)
+
+
 def _check_slices(slices: Sequence[Slice]) -> None:
     if len(slices) == 0:
         raise InputError("no training slices given to the patch sampler")
