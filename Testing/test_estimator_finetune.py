@@ -31,7 +31,8 @@ def test_intensity_augment_is_a_monotone_contrast_change_of_a_clean_image():
                                   intensity_augment(img, np.random.default_rng(3)))
 
 
-def test_finetune_changes_only_the_estimator_and_records_the_recipe(tmp_path, capsys):
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_finetune_changes_only_the_estimator_and_records_the_recipe(tmp_path, capsys, ema):
     torch.manual_seed(0)
     net = ResUNet(channels=(4, 8, 8, 8), blocks=1, estimator_channels=4, estimator_depth=3, estimator_global=True)
     for p in net.parameters():
@@ -46,7 +47,8 @@ def test_finetune_changes_only_the_estimator_and_records_the_recipe(tmp_path, ca
         write_image(Image(vol, (0.7, 0.7, 2.0), (0, 0, 0), modality="CT"), data / f"ct{i}.nrrd")
     out = tmp_path / "ft.pt"
     assert fte.main([str(src), "--out", str(out), "--data", str(data), "--steps", "3", "--eval-every", "2",
-                     "--patches", "2", "--full", "1", "--zoom", "1.0", "--lr", "1e-2", "--threads", "1"]) == 0
+                     "--patches", "2", "--full", "1", "--zoom", "1.0", "--lr", "1e-2", "--threads", "1",
+                     "--ema", str(ema)]) == 0
     text = capsys.readouterr().out
     assert "before" in text and "check 2" in text and "check 3" in text
     ck = load_checkpoint(out)
@@ -57,6 +59,7 @@ def test_finetune_changes_only_the_estimator_and_records_the_recipe(tmp_path, ca
                                model_from_checkpoint(load_checkpoint(src), "restoration").state_dict())
     (rec,) = ck["training"]["estimator_finetune"]
     assert rec["steps"] == 3 and rec["steps_done"] == 3 and rec["data"] == [str(data)] and rec["lr"] == 1e-2
+    assert rec["ema"] == ema
     assert ck["training"]["noises"] == ["gaussian", "poisson"]  # the model's own record is kept
 
 
@@ -65,3 +68,23 @@ def test_finetune_refuses_a_denoiser_without_an_estimator(tmp_path):
                           normalization=DEFAULT_POLICY, training={"noises": ["gaussian"], "level_range": [0, 1]})
     with pytest.raises(SystemExit):
         fte.main([str(src), "--out", str(tmp_path / "o.pt"), "--steps", "1"])
+
+
+def test_ema_saves_the_average_of_the_weights(tmp_path):
+    torch.manual_seed(1)
+    net = ResUNet(channels=(4, 8), blocks=1, estimator_channels=4, estimator_depth=3)
+    src = save_checkpoint(tmp_path / "src.pt", {"denoiser": net}, normalization=DEFAULT_POLICY,
+                          training={"noises": ["gaussian"], "level_range": [0.1, 0.5]})
+    data = tmp_path / "data"
+    vol = (np.random.default_rng(1).random((1, 100, 100)) * 1000 - 500).astype(np.int16)
+    write_image(Image(vol, (0.7, 0.7, 2.0), (0, 0, 0), modality="CT"), data / "ct.nrrd")
+    common = [str(src), "--data", str(data), "--steps", "1", "--patches", "1", "--full", "1", "--lr", "1e-2",
+              "--threads", "1"]
+    fte.main([*common, "--out", str(tmp_path / "plain.pt")])
+    fte.main([*common, "--out", str(tmp_path / "ema.pt"), "--ema", "0.5"])
+    w0 = net.estimator.state_dict()
+    w1 = model_from_checkpoint(load_checkpoint(tmp_path / "plain.pt"), "denoiser").estimator.state_dict()
+    avg = model_from_checkpoint(load_checkpoint(tmp_path / "ema.pt"), "denoiser").estimator.state_dict()
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    for k in w0:  # one step with decay 0.5: the saved weights are the mean of the start and the step
+        torch.testing.assert_close(avg[k], 0.5 * (w0[k] + w1[k]), atol=1e-6, rtol=1e-5)

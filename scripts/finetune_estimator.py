@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distill", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="keep an exponential moving average of the estimator's weights with this decay (e.g. 0.99) "
+                         "and check and save it instead of the last step's weights (0 = off)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("before", evaluate(), flush=True)
     opt = torch.optim.Adam(net.estimator.parameters(), lr=a.lr)
+    ema = {k: v.detach().clone() for k, v in net.estimator.state_dict().items()} if a.ema > 0 else None
     record = {k: v for k, v in vars(a).items() if k != "threads"} | {"data": data}
     info = dict(ck["training"])
     info["estimator_finetune"] = [*info.get("estimator_finetune", []), record]
@@ -164,13 +168,26 @@ def main(argv: list[str] | None = None) -> int:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for k, v in net.estimator.state_dict().items():
+                    if v.is_floating_point():
+                        ema[k].mul_(a.ema).add_(v.detach(), alpha=1 - a.ema)
+                    else:
+                        ema[k].copy_(v)
         if step % 50 == 0:
             print(f"step {step} loss {float(loss):.5f} {time.time() - t0:.0f} s", flush=True)
         if step % a.eval_every == 0 or step == a.steps:
+            live = None
+            if ema is not None:  # check and save the average; training goes on from the live weights
+                live = copy.deepcopy(net.estimator.state_dict())
+                net.estimator.load_state_dict(ema)
             print("check", step, evaluate(), flush=True)
             record["steps_done"], record["wall_s"] = step, round(time.time() - t0, 1)
             models = {k: (net if k == "denoiser" else model_from_checkpoint(ck, k)) for k in ck["models"]}
             save_checkpoint(a.out, models, normalization=ck["normalization"], training=info)
+            if live is not None:
+                net.estimator.load_state_dict(live)
     return 0
 
 
