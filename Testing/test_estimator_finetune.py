@@ -48,7 +48,7 @@ def test_finetune_changes_only_the_estimator_and_records_the_recipe(tmp_path, ca
     out = tmp_path / "ft.pt"
     assert fte.main([str(src), "--out", str(out), "--data", str(data), "--steps", "3", "--eval-every", "2",
                      "--patches", "2", "--full", "1", "--zoom", "1.0", "--lr", "1e-2", "--threads", "1",
-                     "--ema", str(ema)]) == 0
+                     "--ema", str(ema), "--faint", "0.5"]) == 0
     text = capsys.readouterr().out
     assert "before" in text and "check 2" in text and "check 3" in text
     ck = load_checkpoint(out)
@@ -59,7 +59,7 @@ def test_finetune_changes_only_the_estimator_and_records_the_recipe(tmp_path, ca
                                model_from_checkpoint(load_checkpoint(src), "restoration").state_dict())
     (rec,) = ck["training"]["estimator_finetune"]
     assert rec["steps"] == 3 and rec["steps_done"] == 3 and rec["data"] == [str(data)] and rec["lr"] == 1e-2
-    assert rec["ema"] == ema
+    assert rec["ema"] == ema and rec["faint"] == 0.5
     assert ck["training"]["noises"] == ["gaussian", "poisson"]  # the model's own record is kept
 
 

@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aug", type=float, default=0.5)
     ap.add_argument("--clean-full", type=float, default=0.1)
     ap.add_argument("--zoom", type=float, default=0.0)
+    ap.add_argument("--faint", type=float, default=0.0,
+                    help="probability that a noisy whole slice gets a faint level (the lowest 15 %% of the range), "
+                         "so that clean and faintly noisy whole images are told apart")
     ap.add_argument("--distill", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=250)
@@ -97,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     rng = np.random.default_rng(a.seed)
 
-    def noisy_of(c: np.ndarray, zero: float = 0.1) -> np.ndarray:
+    def noisy_of(c: np.ndarray, zero: float = 0.1, faint: float = 0.0) -> np.ndarray:
         if rng.random() < zero:
             return c.copy()
         name = pool[int(rng.integers(len(pool)))]
-        return add_noise(c, name, level=float(rng.uniform(lo_level, hi_level)), seed=rng).astype(np.float32)
+        top = lo_level + 0.15 * (hi_level - lo_level) if faint > 0 and rng.random() < faint else hi_level
+        return add_noise(c, name, level=float(rng.uniform(lo_level, top)), seed=rng).astype(np.float32)
 
     check = [s for s in slices if s.modality == "MR"][::9][:3] + [s for s in slices if s.modality == "CT"][::40][:3]
 
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 c = zoom(c, float(np.exp(rng.uniform(np.log(0.6), np.log(1.6)))), order=1).astype(np.float32)
                 c = c[:512, :512]
                 c = c[: c.shape[0] // 2 * 2, : c.shape[1] // 2 * 2]
-            groups.append((c[None, None], noisy_of(c, a.clean_full)[None, None], np.array([is_aug])))
+            groups.append((c[None, None], noisy_of(c, a.clean_full, a.faint)[None, None], np.array([is_aug])))
         loss = torch.zeros(())
         for c, n, is_aug in groups:
             ct, nt = torch.from_numpy(c), torch.from_numpy(n)
