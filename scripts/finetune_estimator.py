@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.ndimage import zoom
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -47,14 +48,13 @@ PATCH = 96
 
 
 def _check_image(c: np.ndarray, kind: str) -> np.ndarray:
-    """A training slice as it is ("id"), with its contrast reversed inside the object ("inv"), or gamma 0.5."""
-    c = np.clip(c, 0, None).astype(np.float32)
+    """A training slice as it is ("id"), with its contrast reversed inside the object ("inv"), or gamma 0.5:
+    the training augmentation with its draws fixed."""
     if kind == "id":
-        return c
-    hi = max(float(np.percentile(c, 99.5)), 1e-3)
-    u = np.clip(c / hi, 0, 1.5)
-    u = np.where(u > 0.05, np.clip(1.05 - u, 0, None), u) if kind == "inv" else u**0.5
-    return (u * hi).astype(np.float32)
+        return np.clip(c, 0, None).astype(np.float32)
+    gamma = (1.0, 1.0) if kind == "inv" else (0.5, 0.5)
+    return intensity_augment(c, np.random.default_rng(0), gamma=gamma, invert_prob=float(kind == "inv"),
+                             scale=(1.0, 1.0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 out[kind] = (round(max(clean_max), 4), round(float(np.median(at2)), 4))
         return out
 
+    others = {k: model_from_checkpoint(ck, k) for k in ck["models"] if k != "denoiser"}  # saved with it, as loaded
     print("before", evaluate(), flush=True)
     opt = torch.optim.Adam(net.estimator.parameters(), lr=a.lr)
     ema = {k: v.detach().clone() for k, v in net.estimator.state_dict().items()} if a.ema > 0 else None
@@ -153,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
             is_aug = rng.random() < a.aug
             c = intensity_augment(c, rng) if is_aug else c
             if is_aug and rng.random() < a.zoom:  # another pixel size: resampled anatomy is still clean
-                from scipy.ndimage import zoom
-
                 c = zoom(c, float(np.exp(rng.uniform(np.log(0.6), np.log(1.6)))), order=1).astype(np.float32)
                 c = c[:512, :512]
                 c = c[: c.shape[0] // 2 * 2, : c.shape[1] // 2 * 2]
@@ -188,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 net.estimator.load_state_dict(ema)
             print("check", step, evaluate(), flush=True)
             record["steps_done"], record["wall_s"] = step, round(time.time() - t0, 1)
-            models = {k: (net if k == "denoiser" else model_from_checkpoint(ck, k)) for k in ck["models"]}
-            save_checkpoint(a.out, models, normalization=ck["normalization"], training=info)
+            save_checkpoint(a.out, {**others, "denoiser": net}, normalization=ck["normalization"], training=info)
             if live is not None:
                 net.estimator.load_state_dict(live)
     return 0
